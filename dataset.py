@@ -1,0 +1,231 @@
+"""Loading and validating a P5-style dataset dir: sequential.txt, datamaps.json, negative.txt, explanation.json.
+
+Leave-one-out split: for a user's sequence s, s[-1] is the test item, s[-2] the validation item, s[:-2] training.
+"""
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from utils import atomic_write_json, atomic_write_text, file_sha256
+
+NUM_NEGATIVES = 99
+
+
+class DataError(ValueError):
+    """A problem in a user's data file; the message names the file and line."""
+
+
+def _where(path, lineno):
+    return f"{path}:{lineno}" if lineno else str(path)
+
+
+def load_sequences(path, id2user=None, id2item=None):
+    """sequential.txt -> {user: [item, ...]} in file order, validated (against datamaps when given)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    sequences = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                ids = [int(x) for x in fields]
+            except ValueError:
+                bad = next(x for x in fields if not x.lstrip("-").isdigit())
+                raise DataError(f"{_where(path, lineno)}: non-integer id {bad!r}") from None
+            if min(ids) < 1:
+                raise DataError(f"{_where(path, lineno)}: ids start at 1, found {min(ids)}")
+            user, items = ids[0], ids[1:]
+            if user in sequences:
+                raise DataError(f"{_where(path, lineno)}: user {user} appears twice")
+            if len(items) < 3:
+                raise DataError(f"{_where(path, lineno)}: user {user} has {len(items)} items; "
+                                "leave-one-out needs at least 3 (train, validation, test)")
+            if id2user is not None and user not in id2user:
+                raise DataError(f"{_where(path, lineno)}: user {user} is not in datamaps.json")
+            if id2item is not None:
+                unknown = [i for i in items if i not in id2item]
+                if unknown:
+                    raise DataError(f"{_where(path, lineno)}: item {unknown[0]} is not in datamaps.json")
+            sequences[user] = items
+    if not sequences:
+        raise DataError(f"{path}: no sequences (empty file)")
+    return sequences
+
+
+def load_datamaps(path):
+    """datamaps.json -> (id2user, id2item) with int keys; accepts id2* or the older user2id/item2id style."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        maps = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    out = []
+    for kind in ("user", "item"):
+        if f"id2{kind}" in maps:
+            table = {int(k): v for k, v in maps[f"id2{kind}"].items()}
+        elif f"{kind}2id" in maps:
+            table = {int(v): k for k, v in maps[f"{kind}2id"].items()}
+        else:
+            raise DataError(f"{path}: neither 'id2{kind}' nor '{kind}2id' found")
+        out.append(table)
+    return tuple(out)
+
+
+def generate_negatives(sequences, num_items, n=NUM_NEGATIVES, seed=2022):
+    """n distinct items per user that the user never bought, drawn from 1..num_items; deterministic in seed."""
+    rng = np.random.default_rng(seed)
+    negatives = {}
+    for user in sorted(sequences):
+        bought = set(sequences[user])
+        if num_items - len(bought) < n:
+            raise DataError(f"user {user}: only {num_items - len(bought)} unbought items, cannot draw {n} negatives")
+        picked = []
+        seen = set()
+        while len(picked) < n:
+            for x in rng.integers(1, num_items + 1, size=2 * n).tolist():
+                if x not in bought and x not in seen:
+                    seen.add(x)
+                    picked.append(x)
+                    if len(picked) == n:
+                        break
+        negatives[user] = picked
+    return negatives
+
+
+def write_negatives(path, negatives):
+    lines = [" ".join(map(str, [user, *negatives[user]])) for user in sorted(negatives)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def load_negatives(path, sequences, num_items, n=NUM_NEGATIVES):
+    path = Path(path)
+    negatives = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                ids = [int(x) for x in fields]
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: non-integer id in {line.strip()[:60]!r}") from None
+            user, negs = ids[0], ids[1:]
+            if user not in sequences:
+                raise DataError(f"{path}:{lineno}: user {user} is not in sequential.txt")
+            if user in negatives:
+                raise DataError(f"{path}:{lineno}: user {user} appears twice")
+            if len(negs) != n:
+                raise DataError(f"{path}:{lineno}: user {user} has {len(negs)} negatives, expected {n}")
+            bad = [x for x in negs if not 1 <= x <= num_items]
+            if bad:
+                raise DataError(f"{path}:{lineno}: unknown item id {bad[0]} (items are 1..{num_items})")
+            bought = set(sequences[user]) & set(negs)
+            if bought:
+                raise DataError(f"{path}:{lineno}: negative {min(bought)} was bought by user {user}")
+            negatives[user] = negs
+    missing = set(sequences) - set(negatives)
+    if missing:
+        raise DataError(f"{path}: no negatives for {len(missing)} users (e.g. user {min(missing)})")
+    return negatives
+
+
+def load_explanations(path, required=("user", "item", "explanation")):
+    """explanation.json / explanation_rationale.json -> {split: [record, ...]}; every record must have `required`."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    splits = {k: v for k, v in data.items() if k in ("train", "val", "test")}
+    if not splits:
+        raise DataError(f"{path}: no 'train', 'val' or 'test' list")
+    for split, records in splits.items():
+        if not isinstance(records, list):
+            raise DataError(f"{path}: '{split}' is not a list")
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}: {split}[{i}] is not an object")
+            for key in required:
+                if key not in rec or rec[key] is None or rec[key] == "":
+                    raise DataError(f"{path}: {split}[{i}] has no '{key}'")
+    return splits
+
+
+def random_item_permutation(num_items, seed):
+    """new_id[old_id] for old ids 1..num_items (index 0 unused): a seeded permutation that hides the
+    order-of-first-appearance leak of the published ids."""
+    rng = np.random.default_rng(seed)
+    return [0] + (rng.permutation(num_items) + 1).tolist()
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset dir, with items possibly renumbered by `item_map` (new = item_map[old])."""
+    data_dir: Path
+    sequences: dict            # user -> items in time order
+    num_items: int
+    negatives: dict            # user -> 99 test negatives
+    id2user: dict
+    id2item: dict
+    item_map: list = None      # None for published ids
+    hashes: dict = field(default_factory=dict)
+
+    @property
+    def users(self):
+        return list(self.sequences)
+
+    def train_items(self, user):
+        return self.sequences[user][:-2]
+
+    def val_item(self, user):
+        return self.sequences[user][-2]
+
+    def test_item(self, user):
+        return self.sequences[user][-1]
+
+
+def load_dataset(data_dir, item_map=None, negatives_seed=2022, log=print):
+    """Load and validate a dataset dir. When negative.txt is missing it is generated once (seeded) and written
+    beside the data. `item_map` (from `random_item_permutation`) renumbers items after loading."""
+    data_dir = Path(data_dir)
+    seq_path, maps_path, neg_path = data_dir / "sequential.txt", data_dir / "datamaps.json", data_dir / "negative.txt"
+    id2user, id2item = load_datamaps(maps_path)
+    sequences = load_sequences(seq_path, id2user, id2item)
+    num_items = max(id2item)
+    if not neg_path.exists():
+        log(f"{neg_path} is missing: drawing {NUM_NEGATIVES} negatives per user with seed {negatives_seed} "
+            "and writing it (it will be reused from now on)")
+        write_negatives(neg_path, generate_negatives(sequences, num_items, seed=negatives_seed))
+    negatives = load_negatives(neg_path, sequences, num_items)
+    hashes = {p.name: file_sha256(p) for p in (seq_path, maps_path, neg_path)}
+    if item_map is not None:
+        if len(item_map) != num_items + 1:
+            raise DataError(f"item id map has {len(item_map) - 1} items, {data_dir} has {num_items}")
+        sequences = {u: [item_map[i] for i in s] for u, s in sequences.items()}
+        negatives = {u: [item_map[i] for i in s] for u, s in negatives.items()}
+        id2item = {item_map[i]: asin for i, asin in id2item.items()}
+    return Dataset(data_dir, sequences, num_items, negatives, id2user, id2item, item_map, hashes)
+
+
+def remap_records(records, item_map):
+    """Apply an item id map to explanation records (copies)."""
+    if item_map is None:
+        return records
+    return [{**r, "item": item_map[int(r["item"])]} for r in records]
+
+
+if __name__ == "__main__":  # quick summary: python dataset.py DATA_DIR
+    ds = load_dataset(sys.argv[1])
+    lengths = [len(s) for s in ds.sequences.values()]
+    print(f"{len(ds.sequences)} users, {ds.num_items} items, {sum(lengths)} interactions, "
+          f"mean length {np.mean(lengths):.2f}")
