@@ -194,9 +194,9 @@ class Dataset:
         return self.sequences[user][-1]
 
 
-def load_dataset(data_dir, item_map=None, negatives_seed=2022, log=print):
+def load_dataset(data_dir, negatives_seed=2022, log=print):
     """Load and validate a dataset dir. When negative.txt is missing it is generated once (seeded) and written
-    beside the data. `item_map` (from `random_item_permutation`) renumbers items after loading."""
+    beside the data."""
     data_dir = Path(data_dir)
     seq_path, maps_path, neg_path = data_dir / "sequential.txt", data_dir / "datamaps.json", data_dir / "negative.txt"
     id2user, id2item = load_datamaps(maps_path)
@@ -208,13 +208,19 @@ def load_dataset(data_dir, item_map=None, negatives_seed=2022, log=print):
         write_negatives(neg_path, generate_negatives(sequences, num_items, seed=negatives_seed))
     negatives = load_negatives(neg_path, sequences, num_items)
     hashes = {p.name: file_sha256(p) for p in (seq_path, maps_path, neg_path)}
-    if item_map is not None:
-        if len(item_map) != num_items + 1:
-            raise DataError(f"item id map has {len(item_map) - 1} items, {data_dir} has {num_items}")
-        sequences = {u: [item_map[i] for i in s] for u, s in sequences.items()}
-        negatives = {u: [item_map[i] for i in s] for u, s in negatives.items()}
-        id2item = {item_map[i]: asin for i, asin in id2item.items()}
-    return Dataset(data_dir, sequences, num_items, negatives, id2user, id2item, item_map, hashes)
+    return Dataset(data_dir, sequences, num_items, negatives, id2user, id2item, None, hashes)
+
+
+def renumber_items(ds, item_map):
+    """The same dataset with item ids renumbered: new id = item_map[old id]."""
+    if item_map is None:
+        return ds
+    if len(item_map) != ds.num_items + 1 or sorted(item_map[1:]) != list(range(1, ds.num_items + 1)):
+        raise DataError(f"the item id map does not fit {ds.data_dir}: it must permute 1..{ds.num_items}")
+    sequences = {u: [item_map[i] for i in s] for u, s in ds.sequences.items()}
+    negatives = {u: [item_map[i] for i in s] for u, s in ds.negatives.items()}
+    id2item = {item_map[i]: asin for i, asin in ds.id2item.items()}
+    return Dataset(ds.data_dir, sequences, ds.num_items, negatives, ds.id2user, id2item, item_map, ds.hashes)
 
 
 def remap_records(records, item_map):

@@ -1,0 +1,146 @@
+"""What seq.py, topn.py and exp.py share: flags, loading a trained run with its data, reference rules, results."""
+import argparse
+import random
+import sys
+import time
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+import tasks
+from dataset import load_dataset, renumber_items
+from metrics import ranking_metrics, rank_of
+from module import ItemTrie, load_checkpoint, parse_item
+from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
+
+
+def parser(description):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data_dir", required=True, help="dataset dir the checkpoint was trained on")
+    p.add_argument("--checkpoint", required=True, help="dir written by pretrain.py")
+    p.add_argument("--cuda", action="store_true")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--protocol", choices=["paper", "clean"], default="clean",
+                   help="paper: unconstrained beams as the original code (an invalid id is a miss); "
+                        "clean: only valid, not-yet-bought items")
+    p.add_argument("--users", type=int, default=0, help="evaluate a seeded random sample of N users (0: all)")
+    p.add_argument("--seed", type=int, default=1)
+    return p
+
+
+def load_run(args):
+    """The trained model, its tokenizer and metadata, and the dataset with the checkpoint's item ids."""
+    seed_everything(args.seed)
+    device = pick_device(args.cuda)
+    model, tokenizer, meta = load_checkpoint(args.checkpoint, device)
+    ds = load_dataset(args.data_dir, log=lambda m: print(m, file=sys.stderr))
+    changed = [f for f, h in meta.get("data_hashes", {}).items() if ds.hashes.get(f) != h]
+    if changed:
+        print(f"warning: {', '.join(changed)} in {args.data_dir} differ from the files the model was trained on",
+              file=sys.stderr)
+    ds = renumber_items(ds, meta.get("item_map"))
+    encoder = tasks.WordEncoder(tokenizer)
+    encoder.add([tasks.item_word(i) for i in range(1, ds.num_items + 1)] + [tasks.user_word(u) for u in ds.users])
+    return model, tokenizer, meta, ds, encoder, device
+
+
+def eval_users(ds, n, seed):
+    """All users, or a seeded random sample (never the head of the file: P5 files list users in id-creation order)."""
+    if not n or n >= len(ds.users):
+        return list(ds.users)
+    return sorted(random.Random(f"{seed}-users").sample(ds.users, n))
+
+
+def batches(items, size):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# ---------------------------------------------------------------------------------------------------- reference rules
+# No-training rules on the same split and ids, printed beside the model: most-popular (popularity counted on the
+# training parts only) and "max(history)+1, +2, ...", which scores well only when ids leak the order of appearance.
+
+def popularity(ds):
+    return Counter(i for u in ds.users for i in ds.train_items(u))
+
+
+def popular_next(ds, user, pop_order, k=10):
+    bought = set(ds.sequences[user][:-1])
+    return list(islice((i for i in pop_order if i not in bought), k))
+
+
+def next_ids(ds, user, k=10):
+    bought = set(ds.sequences[user][:-1])
+    out, i = [], max(ds.sequences[user][:-1]) + 1
+    while len(out) < k and i <= ds.num_items:
+        if i not in bought:
+            out.append(i)
+        i += 1
+    return out
+
+
+def reference_sequential(ds, users, k=10):
+    pop = popularity(ds)
+    pop_order = [i for i, _ in pop.most_common()] + [i for i in range(1, ds.num_items + 1) if i not in pop]
+    return {
+        "most_popular": ranking_metrics(rank_of(ds.test_item(u), popular_next(ds, u, pop_order, k)) for u in users),
+        "max_history_plus_1": ranking_metrics(rank_of(ds.test_item(u), next_ids(ds, u, k)) for u in users),
+    }
+
+
+def topn_reference_scores(ds, user, candidates, pop):
+    """Scores of the two rules for one user's candidates (higher = ranked first)."""
+    top = max(ds.sequences[user][:-1])
+    return {"most_popular": [pop.get(c, 0) for c in candidates],
+            "max_history_plus_1": [(ds.num_items + 1 - c) if c > top else 0 for c in candidates]}
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+def print_table(rows, title):
+    """rows: {name: {metric: value}} -> an aligned text table."""
+    metrics = list(next(iter(rows.values())))
+    width = max(len(n) for n in rows) + 2
+    print(f"\n{title}")
+    print(" " * width + "".join(f"{m:>10}" for m in metrics))
+    for name, row in rows.items():
+        print(f"{name:<{width}}" + "".join(f"{row[m]:>10.4f}" for m in metrics))
+
+
+def write_results(args, name, meta, ds, users, results, started):
+    path = Path(args.checkpoint) / f"results_{name}{'' if args.protocol == 'clean' else '_paper'}.json"
+    atomic_write_json(path, {
+        "task": name, "protocol": args.protocol, "users": len(users), "all_users": len(ds.users),
+        "item_ids": meta.get("item_ids", "published"), "results": results, "seconds": time.time() - started,
+        "config": vars(args), "train_config": meta.get("args"), "backbone": meta.get("backbone"),
+        "data_hashes": ds.hashes, "versions": versions()})
+    print(f"\nwritten {path}")
+    return path
+
+
+def decode_items(tokenizer, sequences, per_user):
+    """Generated token ids -> per-user lists of item ids (None where the text is not a valid id)."""
+    texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
+    items = [parse_item(t) for t in texts]
+    return [items[i:i + per_user] for i in range(0, len(items), per_user)]
+
+
+def item_trie(tokenizer, encoder, ds):
+    return ItemTrie({i: encoder.target(tasks.item_word(i)) for i in range(1, ds.num_items + 1)})
+
+
+def list_quality(lists, ds, users, num_items):
+    """How many top-k lists hold an invalid id, a duplicate, or an item the user already bought."""
+    invalid = dup = bought = 0
+    for items, u in zip(lists, users):
+        valid = [i for i in items if i is not None and 1 <= i <= num_items]
+        invalid += len(valid) < len(items)
+        dup += len(set(valid)) < len(valid)
+        bought += bool(set(valid) & set(ds.sequences[u][:-1]))
+    return {"lists_with_invalid_id": invalid, "lists_with_duplicate": dup, "lists_with_bought_item": bought}
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_supported(device))

@@ -1,0 +1,257 @@
+"""The recommender: T5 with per-task learned prompt vectors and whole-word embeddings (POD / RDRec / HDRec).
+
+The encoder input of a sample is  [prompt_1 .. prompt_P of its task] + token embeddings + whole-word embeddings,
+where every token of one word (e.g. the pieces of `item_1234`) shares a whole-word index, so the model can tell
+where an id starts and ends. Decoding is transformers' `generate`; ranking over items can be constrained to valid,
+not-yet-bought item ids with a prefix trie over their token sequences.
+"""
+import io
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_model, save_model
+from transformers import AutoTokenizer, LogitsProcessor, T5Config, T5ForConditionalGeneration, T5Tokenizer
+from transformers.modeling_outputs import BaseModelOutput
+
+from utils import atomic_write_json
+
+# from-scratch T5 shapes; `small` is t5-small's, `mini` the d256 4+4 model the original code was timed with
+SIZES = {
+    "tiny": dict(d_model=64, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=32),
+    "mini": dict(d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=64),
+    "small": dict(d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64),
+}
+# the seed's --model_version
+MODEL_VERSIONS = ["t5-small", "t5-base", "t5-large", "t5-3b", "t5-11b"]
+MAX_WHOLE_WORDS = 512
+
+
+def user_word(user):
+    return f"user_{user}"
+
+
+def item_word(item):
+    return f"item_{item}"
+
+
+ITEM_RE = re.compile(r"^item_(\d+)$")
+
+
+def parse_item(text):
+    """Decoded text -> item id, or None when it is not exactly one item id."""
+    m = ITEM_RE.match(text.strip())
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+def train_tokenizer(texts, vocab_size=8000):
+    """A SentencePiece unigram model trained on the dataset's own task text, wrapped as a transformers T5 tokenizer
+    (pad 0, eos 1, unk 2, like T5). `vocab_size` is an upper bound: a corpus of ids and templates supports fewer."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, hard_vocab_limit=False,
+        model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        num_threads=1, shuffle_input_sentence=False, minloglevel=2, max_sentence_length=1 << 14)
+    return tokenizer_from_spm(model.getvalue()), model.getvalue()
+
+
+def tokenizer_from_spm(model_bytes):
+    import sentencepiece as spm
+    from tokenizers import normalizers
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0, unk_id=2)
+    tok.backend_tokenizer.normalizer = normalizers.NFKC()  # SentencePiece's nmt_nfkc, minus its control-char rules
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+class HDRec(nn.Module):
+    def __init__(self, t5, task_num=4, prompt_num=3, seed=1):
+        super().__init__()
+        self.t5 = t5
+        self.task_num, self.prompt_num = task_num, prompt_num
+        d = t5.config.d_model
+        # prompts start as copies of random token embeddings, so their scale matches the backbone's
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randint(3, t5.config.vocab_size, (task_num * prompt_num,), generator=g)
+        self.prompts = nn.Parameter(t5.shared.weight.detach()[rows].clone().view(task_num, prompt_num, d))
+        # zero-initialised: training starts from the plain backbone and learns the word marking
+        self.whole_word = nn.Embedding(MAX_WHOLE_WORDS, d)
+        nn.init.zeros_(self.whole_word.weight)
+
+    @property
+    def device(self):
+        return self.prompts.device
+
+    def encoder_inputs(self, input_ids, whole_word_ids, attention_mask, task):
+        embeds = self.t5.shared(input_ids) + self.whole_word(whole_word_ids)
+        prompts = self.prompts[task]                                    # (B, P, d)
+        embeds = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
+        mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], self.prompt_num), attention_mask], dim=1)
+        return embeds, mask
+
+    def encode(self, batch):
+        embeds, mask = self.encoder_inputs(batch["input_ids"], batch["whole_word_ids"], batch["attention_mask"],
+                                           batch["task"])
+        hidden = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return BaseModelOutput(last_hidden_state=hidden), mask
+
+    def forward(self, batch):
+        """Mean token cross-entropy of the batch's labels (-100 = ignored)."""
+        embeds, mask = self.encoder_inputs(batch["input_ids"], batch["whole_word_ids"], batch["attention_mask"],
+                                           batch["task"])
+        return self.t5(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"]).loss
+
+    @torch.no_grad()
+    def generate(self, batch, num_beams=20, num_return_sequences=10, max_new_tokens=12, **kwargs):
+        encoder_outputs, mask = self.encode(batch)
+        return self.t5.generate(encoder_outputs=encoder_outputs, attention_mask=mask, num_beams=num_beams,
+                                num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
+                                do_sample=False, **kwargs)
+
+    @torch.no_grad()
+    def score_candidates(self, batch, candidate_labels):
+        """Sequence log-likelihood log p(candidate | input) for every candidate of every sample.
+        candidate_labels: (B, C, L) token ids padded with -100; returns (B, C)."""
+        encoder_outputs, mask = self.encode(batch)
+        B, C, L = candidate_labels.shape
+        hidden = encoder_outputs.last_hidden_state.repeat_interleave(C, dim=0)
+        labels = candidate_labels.reshape(B * C, L)
+        logits = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                         attention_mask=mask.repeat_interleave(C, dim=0), labels=labels).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (token_logp * (labels != -100)).sum(-1).view(B, C)
+
+
+def t5_config_for(size, tokenizer):
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; sizes: {', '.join(SIZES)}")
+    return T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                    feed_forward_proj="relu", dropout_rate=0.1, tie_word_embeddings=True, **SIZES[size])
+
+
+def resolve_backbone(backbone, model_version=0):
+    """--backbone wins; else the seed's --model_version picks a pretrained t5 from the hub."""
+    if backbone:
+        return backbone
+    if not 0 <= model_version < len(MODEL_VERSIONS):
+        raise ValueError(f"--model_version must be 0..{len(MODEL_VERSIONS) - 1}")
+    return MODEL_VERSIONS[model_version]
+
+
+def load_pretrained(name_or_path):
+    """A pretrained T5 and its tokenizer from a local folder or hub name, with a clear error when offline."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        t5 = T5ForConditionalGeneration.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(
+            f"could not load the pretrained T5 {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0]}).\n"
+            f"Give a local folder with config.json, weights and tokenizer files, a hub name on a machine that can reach "
+            f"the hub, or a from-scratch size: --backbone {'|'.join(SIZES)}") from None
+    return t5, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(model, tokenizer, out_dir, meta, spm_model=None):
+    """model.safetensors + config.json + tokenizer/; each file replaced atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "model.safetensors.tmp"
+    save_model(model, str(tmp))
+    tmp.replace(out_dir / "model.safetensors")
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    if spm_model is not None:
+        (out_dir / "tokenizer" / "spm.model").write_bytes(spm_model)
+    atomic_write_json(out_dir / "config.json", {"t5": model.t5.config.to_dict(), "hdrec": meta})
+
+
+def load_checkpoint(ckpt_dir, device="cpu"):
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "model.safetensors").exists():
+        raise SystemExit(f"{ckpt_dir}: no model.safetensors; train one with pretrain.py --checkpoint {ckpt_dir}")
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    meta = config["hdrec"]
+    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir / "tokenizer")
+    t5_config = T5Config.from_dict(config["t5"])
+    t5 = T5ForConditionalGeneration(t5_config)
+    model = HDRec(t5, meta["task_num"], meta["prompt_num"])
+    load_model(model, str(ckpt_dir / "model.safetensors"), device=str(device))
+    return model.to(device).eval(), tokenizer, meta
+
+
+# ---------------------------------------------------------------------------------------------------- constraints
+
+class ItemTrie:
+    """Prefix trie over the token sequences of item ids (each ending in eos)."""
+
+    def __init__(self, item_token_seqs):
+        self.children = {}   # prefix tuple -> set of next tokens
+        self.count = {}      # prefix tuple -> number of items below it
+        self.paths = {}      # item -> its full token tuple
+        for item, seq in item_token_seqs.items():
+            seq = tuple(seq)
+            self.paths[item] = seq
+            for k in range(len(seq) + 1):
+                self.count[seq[:k]] = self.count.get(seq[:k], 0) + 1
+                if k < len(seq):
+                    self.children.setdefault(seq[:k], set()).add(seq[k])
+
+    def banned_children(self, items):
+        """prefix -> {next token: number of `items` below it}, for the items the trie knows."""
+        banned = {}
+        for item in set(items):
+            seq = self.paths.get(item)
+            if seq is None:
+                continue
+            for k in range(len(seq)):
+                below = banned.setdefault(seq[:k], {})
+                below[seq[k]] = below.get(seq[k], 0) + 1
+        return banned
+
+    def closed(self, prefix, banned):
+        """Children of `prefix` below which every item is banned (banned: from banned_children)."""
+        below = banned.get(prefix) if banned else None
+        return [t for t, n in below.items() if n >= self.count[prefix + (t,)]] if below else []
+
+    def allowed(self, prefix, banned=None):
+        """Next tokens after `prefix` that still lead to an item outside `banned`."""
+        prefix = tuple(prefix)
+        closed = set(self.closed(prefix, banned))
+        return [t for t in self.children.get(prefix, ()) if t not in closed]
+
+
+class TrieConstraint(LogitsProcessor):
+    """Beam search over item ids only: at each step, tokens that do not continue a valid item id of the trie (or
+    continue only into items banned for that row's user) get -inf. Row r of the expanded batch belongs to user
+    r // num_beams. Allowed-token index tensors are cached per prefix, so a step costs one index_fill per row."""
+
+    def __init__(self, trie, banned_per_user, num_beams, eos_id, start_len=1):
+        self.trie, self.banned, self.num_beams, self.eos, self.start = trie, banned_per_user, num_beams, eos_id, start_len
+        self.cache = {}
+
+    def __call__(self, input_ids, scores):
+        mask = torch.full_like(scores, float("-inf"))
+        for r, row in enumerate(input_ids[:, self.start:].tolist()):
+            prefix = tuple(row)
+            tokens = self.cache.get(prefix)
+            if tokens is None:
+                tokens = self.cache[prefix] = torch.tensor(sorted(self.trie.children.get(prefix, ())), dtype=torch.long,
+                                                           device=scores.device)
+            mask[r].index_fill_(0, tokens, 0.0)
+            closed = self.trie.closed(prefix, self.banned[r // self.num_beams]) if self.banned else []
+            if closed:
+                mask[r, closed] = float("-inf")
+            if len(tokens) == 0 or len(closed) == len(tokens):
+                mask[r, self.eos] = 0.0   # a dead end (no unbanned item below) ends the beam: it will be a miss
+        return scores + mask

@@ -1,0 +1,314 @@
+"""Multi-task training of the prompt-distilled T5 (POD / RDRec / HDRec).
+
+    python pretrain.py --data_dir ./data/beauty/ --cuda --batch_size 64 --checkpoint ./checkpoint/beauty/
+    torchrun --nproc_per_node 4 pretrain.py ...          # DistributedDataParallel, one process per GPU
+
+Every --val_every steps (default: once an epoch) the validation loss of every task is measured; the best model is
+saved to the checkpoint dir (safetensors + config.json + tokenizer/), and training stops after --endure_times
+evaluations without improvement. The training state is saved atomically every --save_minutes, and a rerun with the
+same --checkpoint resumes from it.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import tasks
+from dataset import load_dataset, random_item_permutation, renumber_items
+from module import HDRec, load_checkpoint, load_pretrained, resolve_backbone, save_checkpoint, SIZES, \
+    t5_config_for, train_tokenizer
+from transformers import T5ForConditionalGeneration
+from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
+
+parser = argparse.ArgumentParser(description="train HDRec (prompt-distilled T5) on a dataset dir")
+parser.add_argument("--data_dir", required=True, help="dataset dir (sequential.txt, datamaps.json, ...)")
+parser.add_argument("--checkpoint", default="./checkpoint/", help="output dir; an existing run there is resumed")
+parser.add_argument("--cuda", action="store_true", help="use CUDA")
+parser.add_argument("--backbone", default=None,
+                    help=f"pretrained T5 (hub name or local folder) or a from-scratch size: {', '.join(SIZES)}")
+parser.add_argument("--model_version", type=int, default=0, help="0-4: t5-small ... t5-11b (when no --backbone)")
+parser.add_argument("--vocab_size", type=int, default=8000, help="upper bound for a from-scratch tokenizer")
+parser.add_argument("--item_ids", choices=["published", "random"], default="published",
+                    help="random: renumber items by a seeded permutation (removes the id-order leak)")
+parser.add_argument("--task_num", type=int, default=4)
+parser.add_argument("--prompt_num", type=int, default=3, help="learned prompt vectors per task")
+parser.add_argument("--ratio", default="1:1:1:3", help="explanation:sequential:review:top-N samples per user")
+parser.add_argument("--lr", type=float, default=5e-4)
+parser.add_argument("--epochs", type=int, default=100)
+parser.add_argument("--batch_size", type=int, default=64)
+parser.add_argument("--endure_times", type=int, default=5, help="stop after this many validations without gain")
+parser.add_argument("--negative_num", type=int, default=99, help="negatives per top-N training sample")
+parser.add_argument("--exp_len", type=int, default=20, help="explanation length in tokens")
+parser.add_argument("--val_every", type=int, default=0, help="validate every N steps (0: once an epoch)")
+parser.add_argument("--val_users", type=int, default=0, help="validate on a seeded sample of N users (0: all)")
+parser.add_argument("--max_minutes", type=float, default=0, help="stop training after this many minutes (0: no limit)")
+parser.add_argument("--save_minutes", type=float, default=10, help="save the resumable state this often")
+parser.add_argument("--no_bf16", action="store_true", help="train in fp32 even where bf16 autocast is available")
+parser.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+parser.add_argument("--log_interval", type=int, default=200)
+parser.add_argument("--seed", type=int, default=1)
+args = parser.parse_args()
+
+# ---------------------------------------------------------------------------------------------------- setup
+world = int(os.environ.get("WORLD_SIZE", 1))
+rank = int(os.environ.get("RANK", 0))
+if world > 1:
+    dist.init_process_group("nccl" if args.cuda and torch.cuda.is_available() else "gloo")
+is_main = rank == 0
+device = pick_device(args.cuda)
+if device.type == "cuda":
+    torch.cuda.set_device(device)
+use_bf16 = bf16_supported(device) and not args.no_bf16
+seed_everything(args.seed)
+ratio = [int(x) for x in args.ratio.split(":")]
+if len(ratio) != len(tasks.TASKS) or min(ratio) < 0 or sum(ratio) == 0:
+    raise SystemExit(f"--ratio needs {len(tasks.TASKS)} non-negative integers ({':'.join(tasks.TASKS)}), "
+                     f"got {args.ratio!r}")
+missing = [t for t, r in zip(tasks.TASKS, ratio) if r and t not in tasks.SAMPLERS]
+if missing:
+    raise SystemExit(f"tasks {missing} have no sampler in this version: give them a zero share, e.g. --ratio 0:1:0:3")
+out = Path(args.checkpoint)
+state_json, state_tensors = out / "train_state.json", out / "train_state.safetensors"
+resuming = state_json.exists()
+
+
+def log(msg):
+    if is_main:
+        tqdm.write(msg)
+
+
+def barrier():
+    if world > 1:
+        dist.barrier()
+
+
+def agreed(flag):
+    """True on every rank when any rank says so (time checks differ slightly between processes)."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ---------------------------------------------------------------------------------------------------- data, model
+ds = load_dataset(args.data_dir, log=log) if is_main else None
+barrier()                       # rank 0 may have written negative.txt
+ds = ds or load_dataset(args.data_dir, log=log)
+if resuming:
+    state = json.loads(state_json.read_text())
+    item_map = state["item_map"]
+    log(f"resuming from {out} at epoch {state['epoch']} step {state['step']}")
+else:
+    item_map = random_item_permutation(ds.num_items, args.seed) if args.item_ids == "random" else None
+ds = renumber_items(ds, item_map)
+
+backbone = resolve_backbone(args.backbone, args.model_version)
+spm_model = None
+if resuming:
+    model, tokenizer, meta = load_checkpoint(out / "last", device)
+    model.train()
+    spm_path = out / "last" / "tokenizer" / "spm.model"
+    spm_model = spm_path.read_bytes() if spm_path.exists() else None
+elif backbone in SIZES:
+    tok_dir = out / "tokenizer_build"
+    if is_main:
+        log(f"training a SentencePiece tokenizer on {args.data_dir} (vocab <= {args.vocab_size})")
+        tokenizer, spm_model = train_tokenizer(tasks.tokenizer_corpus(ds, args.seed), args.vocab_size)
+        tokenizer.save_pretrained(tok_dir)
+        (tok_dir / "spm.model").write_bytes(spm_model)
+    barrier()
+    if not is_main:
+        from transformers import AutoTokenizer
+        tokenizer, spm_model = AutoTokenizer.from_pretrained(tok_dir), (tok_dir / "spm.model").read_bytes()
+    t5 = T5ForConditionalGeneration(t5_config_for(backbone, tokenizer))
+    model = HDRec(t5, args.task_num, args.prompt_num, args.seed)
+else:
+    t5, tokenizer = load_pretrained(backbone)
+    model = HDRec(t5, args.task_num, args.prompt_num, args.seed)
+model.to(device)
+if args.gradient_checkpointing:
+    model.t5.gradient_checkpointing_enable()
+if device.type == "cpu":
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+meta = meta if resuming else {
+    "task_num": args.task_num, "prompt_num": args.prompt_num, "tasks": list(tasks.TASKS), "ratio": ratio,
+    "backbone": backbone, "item_ids": args.item_ids, "item_map": item_map, "seed": args.seed,
+    "data_dir": str(args.data_dir), "data_hashes": ds.hashes, "args": vars(args), "versions": versions()}
+n_params = sum(p.numel() for p in model.parameters())
+log(f"backbone {backbone}: {n_params / 1e6:.1f}M parameters, vocab {len(tokenizer)}, device {device}, "
+    f"bf16 {'on' if use_bf16 else 'off'}, world {world}")
+
+encoder = tasks.WordEncoder(tokenizer)
+encoder.add([tasks.item_word(i) for i in range(1, ds.num_items + 1)] + [tasks.user_word(u) for u in ds.users])
+ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+# fixed validation batches: seeded users and samples, the same at every validation and across resumes
+val_rng = random.Random(f"{args.seed}-val")
+val_users = ds.users if not args.val_users else sorted(val_rng.sample(ds.users, min(args.val_users, len(ds.users))))
+val_batches = []
+for task, share in zip(tasks.TASKS, ratio):
+    if share:
+        users = [u for u in val_users if u in set(tasks.trainable_users(ds, task))][rank::world]
+        val_batches += [(task, tasks.make_batch(ds, encoder, task, users[i:i + args.batch_size], val_rng, "val"))
+                        for i in range(0, len(users), args.batch_size)]
+
+
+@torch.no_grad()
+def validate():
+    model.eval()
+    sums = {t: torch.zeros(2, device=device) for t, r in zip(tasks.TASKS, ratio) if r}
+    for task, batch in val_batches:
+        batch = tasks.to_device(batch, device)
+        with autocast:
+            loss = model(batch)
+        n = (batch["labels"] != -100).sum()
+        sums[task] += torch.stack([loss.float() * n, n.float()])
+    model.train()
+    losses = {}
+    for task, s in sums.items():
+        if world > 1:
+            dist.all_reduce(s)
+        losses[task] = (s[0] / s[1]).item()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------- state
+def save_state(epoch, step, rng, best, endured, history):
+    """Everything needed to continue exactly here: weights (out/last), optimizer and RNG states, counters."""
+    version, internal, gauss = rng.getstate()
+    rng_states = [[version, list(internal), gauss]]
+    if world > 1:
+        rng_states = [None] * world
+        dist.all_gather_object(rng_states, [version, list(internal), gauss])
+    if not is_main:
+        return
+    save_checkpoint(model, tokenizer, out / "last", meta, spm_model)
+    tensors = {"torch_rng": torch.get_rng_state()}
+    for i, s in optimizer.state_dict()["state"].items():
+        for k, v in s.items():
+            tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous()
+    tmp = out / "train_state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(state_tensors)
+    atomic_write_json(state_json, {"epoch": epoch, "step": step, "rng": rng_states, "best": best,
+                                   "endured": endured, "history": history, "item_map": item_map})
+
+
+def load_state():
+    tensors = load_file(str(state_tensors))
+    torch.set_rng_state(tensors.pop("torch_rng"))
+    opt = optimizer.state_dict()
+    opt["state"] = {}
+    for key, v in tensors.items():
+        _, i, k = key.split(".", 2)
+        opt["state"].setdefault(int(i), {})[k] = v.to(device) if k != "step" else v
+    optimizer.load_state_dict(opt)
+    if len(state["rng"]) != world:
+        raise SystemExit(f"{state_json} was written by {len(state['rng'])} processes; resume with the same number")
+    version, internal, gauss = state["rng"][rank]
+    rng = random.Random()
+    rng.setstate((version, tuple(internal), gauss))
+    return state["epoch"], state["step"], rng, state["best"], state["endured"], state["history"]
+
+
+def plot_curve(history):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = [h["samples"] for h in history]
+    for task in history[0]["val"]:
+        ax.plot(x, [h["val"][task] for h in history], marker="o", label=f"val {task}")
+        ax.plot(x, [h["train"].get(task, math.nan) for h in history], linestyle="--", label=f"train {task}")
+    ax.set_xlabel("training samples")
+    ax.set_ylabel("token cross-entropy")
+    ax.set_title(f"{Path(args.data_dir).name}: {backbone}, ratio {args.ratio}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curve.png.tmp.png", dpi=100)
+    plt.close(fig)
+    (out / "curve.png.tmp.png").replace(out / "curve.png")
+
+
+# ---------------------------------------------------------------------------------------------------- train
+if is_main:
+    out.mkdir(parents=True, exist_ok=True)
+if resuming:
+    start_epoch, start_step, rng, best, endured, history = load_state()
+else:
+    start_epoch, start_step, rng = 1, 0, random.Random(f"{args.seed}-train-{rank}")
+    best, endured, history = math.inf, 0, []
+t0 = time.time()
+last_save = time.time()
+samples = history[-1]["samples"] if history else 0
+stop = False
+train_sums = {}
+for epoch in range(start_epoch, args.epochs + 1):
+    plan = tasks.epoch_plan(ds, ratio, args.batch_size, args.seed, epoch, rank, world)
+    val_points = set(range(args.val_every, len(plan) + 1, args.val_every)) if args.val_every else set()
+    val_points.add(len(plan))
+    bar = tqdm(range(start_step, len(plan)), initial=start_step, total=len(plan), disable=not is_main,
+               desc=f"epoch {epoch}", dynamic_ncols=True)
+    for step in bar:
+        task, users = plan[step]
+        batch = tasks.to_device(tasks.make_batch(ds, encoder, task, users, rng), device)
+        with autocast:
+            loss = ddp_model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        samples += len(users) * world
+        s = train_sums.setdefault(task, [0.0, 0])
+        s[0] += loss.item()
+        s[1] += 1
+        if step % 10 == 0:
+            bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
+        out_of_time = agreed(args.max_minutes and (time.time() - t0) / 60 >= args.max_minutes)
+        if step + 1 in val_points or out_of_time:
+            val = validate()
+            total = sum(val.values()) / len(val)
+            record = {"epoch": epoch, "step": step + 1, "samples": samples, "minutes": (time.time() - t0) / 60,
+                      "train": {t: v[0] / v[1] for t, v in train_sums.items()}, "val": val, "val_mean": total}
+            train_sums = {}
+            history.append(record)
+            if total < best:
+                best, endured = total, 0
+                if is_main:
+                    save_checkpoint(model, tokenizer, out, {**meta, "best": record}, spm_model)
+            else:
+                endured += 1
+            log(f"epoch {epoch} step {step + 1}: val " + " ".join(f"{t} {v:.4f}" for t, v in val.items())
+                + f" | mean {total:.4f} (best {best:.4f}, {endured}/{args.endure_times} without gain)")
+            if is_main:
+                atomic_write_json(out / "train_log.json", history)
+                plot_curve(history)
+            if endured >= args.endure_times or out_of_time:
+                stop = True
+                log("early stop" if not out_of_time else f"time budget of {args.max_minutes} min reached")
+        if stop or agreed(time.time() - last_save >= args.save_minutes * 60):
+            save_state(epoch, step + 1, rng, best, endured, history)
+            last_save = time.time()
+        if stop:
+            break
+    bar.close()
+    start_step = 0
+    if stop:
+        break
+    save_state(epoch + 1, 0, rng, best, endured, history)
+    last_save = time.time()
+
+log(f"done: best validation loss {best:.4f}; model in {out}")
+if world > 1:
+    dist.destroy_process_group()

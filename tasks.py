@@ -1,0 +1,212 @@
+"""Tasks, prompt templates, samplers and the one batcher.
+
+Every sample is a list of words (template words and id words such as `item_12`) plus a target text. Words are
+tokenized once and cached, so building a batch is list concatenation: the token ids equal those of tokenizing the
+whole sentence, because SentencePiece segments each whitespace-separated word on its own (tests pin this).
+Batches are single-task, so a 40-token sequential batch is never padded to a 300-token top-N one.
+"""
+import random
+
+import numpy as np
+import torch
+
+from module import MAX_WHOLE_WORDS, item_word, user_word
+
+# --ratio is given in this order (the seed's: explanation : sequential : review summary : top-N)
+TASKS = ("explanation", "sequential", "review", "topn")
+HISTORY_LEN = 20
+NUM_CANDIDATES = 100
+
+# Several paraphrases per task in training, the first one at evaluation.
+TEMPLATES = {
+    "sequential": [
+        "{user} has purchased {history} , predict the next item",
+        "given the purchases of {user} : {history} , which item comes next ?",
+        "{user} bought {history} in this order . what will the user buy next ?",
+        "predict the next item for {user} after {history}",
+    ],
+    "topn": [
+        "which item should be recommended to {user} among {candidates} ?",
+        "pick the item {user} is most likely to buy from {candidates}",
+        "from {candidates} choose one item for {user}",
+    ],
+    "explanation": [
+        "explain why {user} bought {item}",
+        "generate an explanation for {user} about {item}",
+        "what does {user} say about {item} ?",
+    ],
+    "review": [
+        "summarize the review of {user} on {item}",
+        "write a one sentence summary of what {user} thinks of {item}",
+    ],
+}
+
+
+class WordEncoder:
+    """Tokenizes each distinct word once; turns a word list into input ids + whole-word ids."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+        self.cache = {}
+
+    def add(self, words):
+        new = [w for w in dict.fromkeys(words) if w not in self.cache]
+        if new:
+            for w, ids in zip(new, self.tokenizer(new, add_special_tokens=False)["input_ids"]):
+                self.cache[w] = ids
+
+    def words(self, words):
+        """input ids (ending in eos) and whole-word ids (1 for the first word, 2 for the second, ...)."""
+        ids, wwids = [], []
+        for n, w in enumerate(words, 1):
+            piece = self.cache.get(w)
+            if piece is None:
+                self.add([w])
+                piece = self.cache[w]
+            ids.extend(piece)
+            wwids.extend([min(n, MAX_WHOLE_WORDS - 1)] * len(piece))
+        ids.append(self.eos)
+        wwids.append(0)
+        return ids, wwids
+
+    def target(self, text):
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]   # ends in eos
+
+
+def fill(template, user=None, item=None, history=(), candidates=()):
+    """A template's words with the slots filled; ids become words such as user_7, item_12."""
+    words = []
+    for w in template.split():
+        if w == "{user}":
+            words.append(user_word(user))
+        elif w == "{item}":
+            words.append(item_word(item))
+        elif w == "{history}":
+            words.extend(item_word(i) for i in history)
+        elif w == "{candidates}":
+            words.extend(item_word(i) for i in candidates)
+        else:
+            words.append(w)
+    return words
+
+
+# ---------------------------------------------------------------------------------------------------- samplers
+# A sampler returns (words, target_text). `rng` is a random.Random; evaluation samples use the first template.
+
+def sample_negatives(rng, num_items, bought, n):
+    out, seen = [], set()
+    while len(out) < n:
+        x = rng.randint(1, num_items)
+        if x not in bought and x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+def sequential_sample(ds, user, rng, split="train"):
+    seq = ds.sequences[user]
+    if split == "train":
+        train = seq[:-2]
+        t = rng.randrange(1, len(train))         # a random window of the training part
+        history, target, template = train[max(0, t - HISTORY_LEN):t], train[t], rng.choice(TEMPLATES["sequential"])
+    else:
+        end = len(seq) - (2 if split == "val" else 1)
+        history, target, template = seq[max(0, end - HISTORY_LEN):end], seq[end], TEMPLATES["sequential"][0]
+    return fill(template, user=user, history=history), item_word(target)
+
+
+def topn_candidates(ds, user, rng, split):
+    """The positive first, then 99 items the user never bought (the published negatives at test time)."""
+    seq = ds.sequences[user]
+    if split == "test":
+        return [seq[-1]] + ds.negatives[user]
+    positive = rng.choice(seq[:-2]) if split == "train" else seq[-2]
+    return [positive] + sample_negatives(rng, ds.num_items, set(seq), NUM_CANDIDATES - 1)
+
+
+def topn_sample(ds, user, rng, split="train", candidates=None):
+    candidates = candidates or topn_candidates(ds, user, rng, split)
+    shown = list(candidates)
+    rng.shuffle(shown)                            # a copy: the caller's list keeps the positive first
+    template = rng.choice(TEMPLATES["topn"]) if split == "train" else TEMPLATES["topn"][0]
+    return fill(template, user=user, candidates=shown), item_word(candidates[0])
+
+
+SAMPLERS = {"sequential": sequential_sample, "topn": topn_sample}
+
+
+def trainable_users(ds, task):
+    if task == "sequential":
+        return [u for u in ds.users if len(ds.sequences[u]) >= 4]   # a window needs 2 training items
+    return ds.users
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+def collate(encoded, task_id):
+    """encoded: list of (ids, wwids, target_ids) -> padded tensors (labels padded with -100)."""
+    B = len(encoded)
+    L = max(len(e[0]) for e in encoded)
+    T = max(len(e[2]) for e in encoded)
+    input_ids = torch.zeros(B, L, dtype=torch.long)
+    whole_word_ids = torch.zeros(B, L, dtype=torch.long)
+    attention_mask = torch.zeros(B, L, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for b, (ids, ww, tgt) in enumerate(encoded):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        whole_word_ids[b, :len(ww)] = torch.tensor(ww)
+        attention_mask[b, :len(ids)] = 1
+        labels[b, :len(tgt)] = torch.tensor(tgt)
+    return {"input_ids": input_ids, "whole_word_ids": whole_word_ids, "attention_mask": attention_mask,
+            "labels": labels, "task": torch.full((B,), task_id, dtype=torch.long)}
+
+
+def encode_samples(encoder, samples):
+    out = []
+    for words, target in samples:
+        ids, ww = encoder.words(words)
+        out.append((ids, ww, encoder.target(target)))
+    return out
+
+
+def epoch_plan(ds, ratio, batch_size, seed, epoch, rank=0, world=1):
+    """The batches of one training epoch as (task, [users]) lists: each user contributes ratio[task] samples of
+    every task, batches are single-task and shuffled; rank r of `world` takes every world-th batch."""
+    rng = random.Random(f"{seed}-plan-{epoch}")
+    batches = []
+    for task, share in zip(TASKS, ratio):
+        if share == 0:
+            continue
+        users = trainable_users(ds, task) * share
+        rng.shuffle(users)
+        batches += [(task, users[i:i + batch_size]) for i in range(0, len(users), batch_size)]
+    rng.shuffle(batches)
+    usable = len(batches) - len(batches) % world if world > 1 else len(batches)
+    return batches[rank:usable:world]
+
+
+def make_batch(ds, encoder, task, users, rng, split="train"):
+    samples = [SAMPLERS[task](ds, u, rng, split) for u in users]
+    return collate(encode_samples(encoder, samples), TASKS.index(task))
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def tokenizer_corpus(ds, seed=1, max_users=None):
+    """Text the from-scratch tokenizer learns from: every template filled for (a sample of) users, every id word."""
+    rng = random.Random(seed)
+    users = ds.users if max_users is None else rng.sample(ds.users, min(max_users, len(ds.users)))
+    for u in users:
+        for task in SAMPLERS:
+            words, target = SAMPLERS[task](ds, u, rng, "val")
+            yield " ".join(words)
+            yield target
+    for tmpl in (t for ts in TEMPLATES.values() for t in ts):
+        yield " ".join(fill(tmpl, user=1, item=1, history=[1], candidates=[1]))
+    items = np.arange(1, ds.num_items + 1)
+    for chunk in np.array_split(items, max(1, len(items) // 100)):
+        yield " ".join(item_word(i) for i in chunk)
