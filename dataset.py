@@ -105,7 +105,9 @@ def write_negatives(path, negatives):
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def load_negatives(path, sequences, num_items, n=NUM_NEGATIVES):
+def load_negatives(path, sequences, num_items, n=None):
+    """negative.txt -> {user: [item, ...]}; every line must hold the same number of negatives (n, or the first
+    line's count when n is None)."""
     path = Path(path)
     negatives = {}
     with open(path, encoding="utf-8") as f:
@@ -122,6 +124,7 @@ def load_negatives(path, sequences, num_items, n=NUM_NEGATIVES):
                 raise DataError(f"{path}:{lineno}: user {user} is not in sequential.txt")
             if user in negatives:
                 raise DataError(f"{path}:{lineno}: user {user} appears twice")
+            n = n or len(negs)
             if len(negs) != n:
                 raise DataError(f"{path}:{lineno}: user {user} has {len(negs)} negatives, expected {n}")
             bad = [x for x in negs if not 1 <= x <= num_items]
@@ -179,6 +182,8 @@ class Dataset:
     id2item: dict
     item_map: list = None      # None for published ids
     hashes: dict = field(default_factory=dict)
+    records: dict = None       # split -> user -> [review record], from explanation(_rationale).json when present
+    records_file: str = None
 
     @property
     def users(self):
@@ -203,12 +208,48 @@ def load_dataset(data_dir, negatives_seed=2022, log=print):
     sequences = load_sequences(seq_path, id2user, id2item)
     num_items = max(id2item)
     if not neg_path.exists():
-        log(f"{neg_path} is missing: drawing {NUM_NEGATIVES} negatives per user with seed {negatives_seed} "
+        # a small catalogue cannot give every user 99 unbought items: then all users get as many as the worst-off can
+        n = min(NUM_NEGATIVES, num_items - max(len(set(s)) for s in sequences.values()))
+        if n < 1:
+            raise DataError(f"{data_dir}: some user bought every item; no negatives can be drawn")
+        log(f"{neg_path} is missing: drawing {n} negatives per user with seed {negatives_seed} "
             "and writing it (it will be reused from now on)")
-        write_negatives(neg_path, generate_negatives(sequences, num_items, seed=negatives_seed))
+        if n < NUM_NEGATIVES:
+            log(f"warning: only {num_items} items, so top-N ranks among {n + 1} candidates, not the paper's 100")
+        write_negatives(neg_path, generate_negatives(sequences, num_items, n=n, seed=negatives_seed))
     negatives = load_negatives(neg_path, sequences, num_items)
     hashes = {p.name: file_sha256(p) for p in (seq_path, maps_path, neg_path)}
-    return Dataset(data_dir, sequences, num_items, negatives, id2user, id2item, None, hashes)
+    records, records_path = None, None
+    for name in TEXT_FILES:
+        if (data_dir / name).exists():
+            records_path = data_dir / name
+            records = group_records(load_explanations(records_path), sequences, num_items, records_path)
+            hashes[name] = file_sha256(records_path)
+            break
+    return Dataset(data_dir, sequences, num_items, negatives, id2user, id2item, None, hashes, records,
+                   records_path and records_path.name)
+
+
+# the distilled file wins over the plain one: it holds the same records plus the LLM's rationales
+TEXT_FILES = ("explanation_rationale.json", "explanation.json")
+
+
+def group_records(splits, sequences, num_items, path):
+    """{split: [record]} -> {split: {user: [record]}}, checking every user and item id."""
+    grouped = {}
+    for split, recs in splits.items():
+        by_user = grouped.setdefault(split, {})
+        for i, rec in enumerate(recs):
+            try:
+                user, item = int(rec["user"]), int(rec["item"])
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: {split}[{i}] has a non-integer user or item id") from None
+            if user not in sequences:
+                raise DataError(f"{path}: {split}[{i}]: user {user} is not in sequential.txt")
+            if not 1 <= item <= num_items:
+                raise DataError(f"{path}: {split}[{i}]: item {item} is not in datamaps.json")
+            by_user.setdefault(user, []).append({**rec, "user": user, "item": item})
+    return grouped
 
 
 def renumber_items(ds, item_map):
@@ -220,14 +261,10 @@ def renumber_items(ds, item_map):
     sequences = {u: [item_map[i] for i in s] for u, s in ds.sequences.items()}
     negatives = {u: [item_map[i] for i in s] for u, s in ds.negatives.items()}
     id2item = {item_map[i]: asin for i, asin in ds.id2item.items()}
-    return Dataset(ds.data_dir, sequences, ds.num_items, negatives, ds.id2user, id2item, item_map, ds.hashes)
-
-
-def remap_records(records, item_map):
-    """Apply an item id map to explanation records (copies)."""
-    if item_map is None:
-        return records
-    return [{**r, "item": item_map[int(r["item"])]} for r in records]
+    records = ds.records and {split: {u: [{**r, "item": item_map[r["item"]]} for r in recs] for u, recs in by_user.items()}
+                              for split, by_user in ds.records.items()}
+    return Dataset(ds.data_dir, sequences, ds.num_items, negatives, ds.id2user, id2item, item_map, ds.hashes,
+                   records, ds.records_file)
 
 
 if __name__ == "__main__":  # quick summary: python dataset.py DATA_DIR

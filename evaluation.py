@@ -11,8 +11,11 @@ import torch
 
 import tasks
 from dataset import load_dataset, renumber_items
-from metrics import ranking_metrics, rank_of
-from module import ItemTrie, load_checkpoint, parse_item
+from tqdm import tqdm
+from transformers import LogitsProcessorList
+
+from metrics import rank_by_score, rank_of, ranking_metrics
+from module import ItemTrie, TrieConstraint, load_checkpoint, parse_item
 from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
 
 
@@ -140,6 +143,61 @@ def list_quality(lists, ds, users, num_items):
         dup += len(set(valid)) < len(valid)
         bought += bool(set(valid) & set(ds.sequences[u][:-1]))
     return {"lists_with_invalid_id": invalid, "lists_with_duplicate": dup, "lists_with_bought_item": bought}
+
+
+def recommend_next(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=20, top_k=10, batch_size=32,
+                   seed=1, progress=True):
+    """Top-k next-item lists (item ids, None for an invalid id) for each user's test step."""
+    device = model.device
+    trie = item_trie(tokenizer, encoder, ds)
+    max_len = max(len(path) for path in trie.paths.values())
+    rng = random.Random(seed)
+    lists = []
+    for chunk in tqdm(list(batches(users, batch_size)), desc="seq", dynamic_ncols=True, disable=not progress):
+        samples = [tasks.sequential_sample(ds, u, rng, "test") for u in chunk]
+        batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), tasks.TASKS.index("sequential")),
+                                device)
+        constraint = []
+        if protocol == "clean":
+            banned = [trie.banned_children(ds.sequences[u][:-1]) for u in chunk]
+            constraint = [TrieConstraint(trie, banned, num_beams, tokenizer.eos_token_id)]
+        with autocast(device):
+            out = model.generate(batch, num_beams=num_beams, num_return_sequences=top_k, max_new_tokens=max_len,
+                                 logits_processor=LogitsProcessorList(constraint))
+        lists += decode_items(tokenizer, out, top_k)
+    return lists
+
+
+def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=20, top_k=10, batch_size=32, seed=1,
+              progress=True):
+    """Rank of each user's test item among its 100 candidates (None: not in the generated top-k, paper protocol),
+    and the ranks the reference rules give on the same candidates."""
+    device = model.device
+    rng = random.Random(seed)
+    pop = popularity(ds)
+    task_id = tasks.TASKS.index("topn")
+    ranks, reference_ranks = [], {}
+    for chunk in tqdm(list(batches(users, batch_size)), desc="topn", dynamic_ncols=True, disable=not progress):
+        candidates = [tasks.topn_candidates(ds, u, rng, "test") for u in chunk]     # positive first
+        samples = [tasks.topn_sample(ds, u, rng, "test", c) for u, c in zip(chunk, candidates)]
+        batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), task_id), device)
+        with autocast(device):
+            if protocol == "paper":
+                out = model.generate(batch, num_beams=num_beams, num_return_sequences=top_k)
+                ranks += [rank_of(c[0], items) for c, items in zip(candidates, decode_items(tokenizer, out, top_k))]
+            else:
+                labels = [[encoder.target(tasks.item_word(i)) for i in c] for c in candidates]
+                L = max(len(t) for c in labels for t in c)
+                label_tensor = torch.full((len(chunk), len(candidates[0]), L), -100, dtype=torch.long)
+                for b, c in enumerate(labels):
+                    for j, t in enumerate(c):
+                        label_tensor[b, j, :len(t)] = torch.tensor(t)
+                scores = model.score_candidates(batch, label_tensor.to(device)).cpu()
+                ranks += [rank_by_score(s.tolist(), 0) for s in scores]
+        for u, c in zip(chunk, candidates):
+            for rule, s in topn_reference_scores(ds, u, c, pop).items():
+                reference_ranks.setdefault(rule, []).append(rank_by_score(s, 0))
+    return ranks, reference_ranks
 
 
 def autocast(device):

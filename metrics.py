@@ -40,3 +40,60 @@ def rank_by_score(scores, target_index):
     target (pessimistic), so a model that scores everything equally gets no credit."""
     scores = np.asarray(scores, dtype=np.float64)
     return int((scores >= scores[target_index]).sum() - 1)
+
+
+# ---------------------------------------------------------------------------------------------------- text
+# The explainable-recommendation papers (NRT, PETER, POD, RDRec, HDRec) score generated text with corpus-level BLEU
+# on whitespace tokens (n-grams up to 1 or 4, brevity penalty, no smoothing) and ROUGE F1, both x100.
+# BLEU comes from sacrebleu with tokenize="none" (our whitespace tokens), ROUGE from Google's rouge-score
+# (which lowercases and keeps alphanumeric tokens); tests pin both to hand-computed cases.
+
+def bleu(references, hypotheses, max_order=4):
+    from sacrebleu.metrics import BLEU
+    scorer = BLEU(tokenize="none", smooth_method="none", max_ngram_order=max_order, effective_order=False)
+    return scorer.corpus_score([" ".join(h.split()) for h in hypotheses],
+                               [[" ".join(r.split()) for r in references]]).score
+
+
+def rouge(references, hypotheses):
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    totals = {"ROUGE-1": 0.0, "ROUGE-2": 0.0, "ROUGE-L": 0.0}
+    for r, h in zip(references, hypotheses):
+        s = scorer.score(r, h)
+        totals["ROUGE-1"] += s["rouge1"].fmeasure
+        totals["ROUGE-2"] += s["rouge2"].fmeasure
+        totals["ROUGE-L"] += s["rougeL"].fmeasure
+    return {k: 100 * v / max(1, len(references)) for k, v in totals.items()}
+
+
+def text_metrics(references, hypotheses):
+    if len(references) != len(hypotheses) or not references:
+        raise ValueError("need one hypothesis per reference, and at least one")
+    return {"BLEU-1": bleu(references, hypotheses, 1), "BLEU-4": bleu(references, hypotheses, 4),
+            **rouge(references, hypotheses)}
+
+
+def features_in(text, feature_vocab, max_words=3):
+    """The features (lowercased word n-grams from feature_vocab) that occur in a text."""
+    words = text.lower().split()
+    return {" ".join(words[i:i + n]) for n in range(1, max_words + 1) for i in range(len(words) - n + 1)} & feature_vocab
+
+
+def feature_metrics(features, hypotheses, feature_vocab):
+    """Feature-level explainability measures (Li et al., PETER): FMR = share of explanations that mention the
+    record's own feature; FCR = distinct vocabulary features mentioned / vocabulary size; DIV = mean size of the
+    feature overlap over all pairs of explanations (lower = more diverse), computed from per-feature counts."""
+    vocab = {f.lower() for f in feature_vocab}
+    max_words = max((len(f.split()) for f in vocab), default=1)
+    mentioned = [features_in(h, vocab, max_words) for h in hypotheses]
+    n = len(hypotheses)
+    fmr = sum(f.lower() in m for f, m in zip(features, mentioned)) / n
+    counts = {}
+    for m in mentioned:
+        for f in m:
+            counts[f] = counts.get(f, 0) + 1
+    fcr = len(counts) / max(1, len(vocab))
+    pairs = n * (n - 1) / 2
+    div = sum(c * (c - 1) / 2 for c in counts.values()) / pairs if pairs else 0.0
+    return {"FMR": fmr, "FCR": fcr, "DIV": div}

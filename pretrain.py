@@ -47,6 +47,9 @@ parser.add_argument("--batch_size", type=int, default=64)
 parser.add_argument("--endure_times", type=int, default=5, help="stop after this many validations without gain")
 parser.add_argument("--negative_num", type=int, default=99, help="negatives per top-N training sample")
 parser.add_argument("--exp_len", type=int, default=20, help="explanation length in tokens")
+parser.add_argument("--explanation_target", choices=["auto", "llm", "review"], default="auto",
+                    help="llm: the distilled groundtruth_explanation (HDRec); review: the review sentence (POD); "
+                         "auto: llm where the record has it")
 parser.add_argument("--val_every", type=int, default=0, help="validate every N steps (0: once an epoch)")
 parser.add_argument("--val_users", type=int, default=0, help="validate on a seeded sample of N users (0: all)")
 parser.add_argument("--max_minutes", type=float, default=0, help="stop training after this many minutes (0: no limit)")
@@ -72,9 +75,6 @@ ratio = [int(x) for x in args.ratio.split(":")]
 if len(ratio) != len(tasks.TASKS) or min(ratio) < 0 or sum(ratio) == 0:
     raise SystemExit(f"--ratio needs {len(tasks.TASKS)} non-negative integers ({':'.join(tasks.TASKS)}), "
                      f"got {args.ratio!r}")
-missing = [t for t, r in zip(tasks.TASKS, ratio) if r and t not in tasks.SAMPLERS]
-if missing:
-    raise SystemExit(f"tasks {missing} have no sampler in this version: give them a zero share, e.g. --ratio 0:1:0:3")
 out = Path(args.checkpoint)
 state_json, state_tensors = out / "train_state.json", out / "train_state.safetensors"
 resuming = state_json.exists()
@@ -110,6 +110,14 @@ if resuming:
 else:
     item_map = random_item_permutation(ds.num_items, args.seed) if args.item_ids == "random" else None
 ds = renumber_items(ds, item_map)
+for task, share in zip(tasks.TASKS, ratio):
+    if share and not tasks.trainable_users(ds, task):
+        need = {"explanation": "explanation.json (data/prepare.py) or explanation_rationale.json",
+                "review": "explanation_rationale.json with review_summary (data/distill.py)"}.get(task, "")
+        raise SystemExit(f"--ratio gives the {task} task a share, but {args.data_dir} has no training data for it "
+                         f"(needs {need}); give it a zero share, e.g. --ratio 0:1:0:3")
+sample_opts = {"negative_num": args.negative_num, "explanation_target": args.explanation_target,
+               "exp_len": args.exp_len}
 
 backbone = resolve_backbone(args.backbone, args.model_version)
 spm_model = None
@@ -137,7 +145,7 @@ else:
 model.to(device)
 if args.gradient_checkpointing:
     model.t5.gradient_checkpointing_enable()
-if device.type == "cpu":
+if device.type == "cpu" and world > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 meta = meta if resuming else {
     "task_num": args.task_num, "prompt_num": args.prompt_num, "tasks": list(tasks.TASKS), "ratio": ratio,
@@ -156,18 +164,27 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 # fixed validation batches: seeded users and samples, the same at every validation and across resumes
 val_rng = random.Random(f"{args.seed}-val")
 val_users = ds.users if not args.val_users else sorted(val_rng.sample(ds.users, min(args.val_users, len(ds.users))))
-val_batches = []
+val_batches, val_tasks = [], []
 for task, share in zip(tasks.TASKS, ratio):
     if share:
-        users = [u for u in val_users if u in set(tasks.trainable_users(ds, task))][rank::world]
-        val_batches += [(task, tasks.make_batch(ds, encoder, task, users[i:i + args.batch_size], val_rng, "val"))
+        able = set(tasks.trainable_users(ds, task, "val"))
+        users = [u for u in val_users if u in able]
+        if not users:
+            log(f"no validation samples for the {task} task: its loss does not drive early stopping")
+            continue
+        val_tasks.append(task)
+        users = users[rank::world]
+        val_batches += [(task, tasks.make_batch(ds, encoder, task, users[i:i + args.batch_size], val_rng, "val",
+                                                **sample_opts))
                         for i in range(0, len(users), args.batch_size)]
+if not val_tasks:
+    raise SystemExit(f"{args.data_dir}: no validation samples for any task with a share in --ratio {args.ratio}")
 
 
 @torch.no_grad()
 def validate():
     model.eval()
-    sums = {t: torch.zeros(2, device=device) for t, r in zip(tasks.TASKS, ratio) if r}
+    sums = {t: torch.zeros(2, device=device) for t in val_tasks}
     for task, batch in val_batches:
         batch = tasks.to_device(batch, device)
         with autocast:
@@ -262,7 +279,7 @@ for epoch in range(start_epoch, args.epochs + 1):
                desc=f"epoch {epoch}", dynamic_ncols=True)
     for step in bar:
         task, users = plan[step]
-        batch = tasks.to_device(tasks.make_batch(ds, encoder, task, users, rng), device)
+        batch = tasks.to_device(tasks.make_batch(ds, encoder, task, users, rng, **sample_opts), device)
         with autocast:
             loss = ddp_model(batch)
         optimizer.zero_grad(set_to_none=True)

@@ -71,8 +71,9 @@ class WordEncoder:
         wwids.append(0)
         return ids, wwids
 
-    def target(self, text):
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]   # ends in eos
+    def target(self, text, max_len=None):
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return (ids[:max_len] if max_len else ids) + [self.eos]
 
 
 def fill(template, user=None, item=None, history=(), candidates=()):
@@ -105,7 +106,7 @@ def sample_negatives(rng, num_items, bought, n):
     return out
 
 
-def sequential_sample(ds, user, rng, split="train"):
+def sequential_sample(ds, user, rng, split="train", **opts):
     seq = ds.sequences[user]
     if split == "train":
         train = seq[:-2]
@@ -117,30 +118,64 @@ def sequential_sample(ds, user, rng, split="train"):
     return fill(template, user=user, history=history), item_word(target)
 
 
-def topn_candidates(ds, user, rng, split):
-    """The positive first, then 99 items the user never bought (the published negatives at test time)."""
+def topn_candidates(ds, user, rng, split, negative_num=NUM_CANDIDATES - 1):
+    """The positive first, then items the user never bought (the published negatives at test time)."""
     seq = ds.sequences[user]
     if split == "test":
         return [seq[-1]] + ds.negatives[user]
     positive = rng.choice(seq[:-2]) if split == "train" else seq[-2]
-    return [positive] + sample_negatives(rng, ds.num_items, set(seq), NUM_CANDIDATES - 1)
+    n = min(negative_num, len(ds.negatives[user]))   # a small catalogue has fewer (see dataset.load_dataset)
+    return [positive] + sample_negatives(rng, ds.num_items, set(seq), n)
 
 
-def topn_sample(ds, user, rng, split="train", candidates=None):
-    candidates = candidates or topn_candidates(ds, user, rng, split)
+def topn_sample(ds, user, rng, split="train", candidates=None, negative_num=NUM_CANDIDATES - 1, **opts):
+    candidates = candidates or topn_candidates(ds, user, rng, split, negative_num)
     shown = list(candidates)
     rng.shuffle(shown)                            # a copy: the caller's list keeps the positive first
     template = rng.choice(TEMPLATES["topn"]) if split == "train" else TEMPLATES["topn"][0]
     return fill(template, user=user, candidates=shown), item_word(candidates[0])
 
 
-SAMPLERS = {"sequential": sequential_sample, "topn": topn_sample}
+# The text tasks read review records (explanation.json, or explanation_rationale.json after distillation).
+# Their unit is also the user: a user's sample is one of the user's records of that split, drawn at random.
+TEXT_FIELDS = {"explanation": "explanation", "review": "review_summary"}
 
 
-def trainable_users(ds, task):
+def explanation_text(record, explanation_target="auto"):
+    """HDRec trains on the LLM's ground-truth explanation when the record has one (auto or llm), POD on the review's
+    own sentence (review)."""
+    if explanation_target == "llm" or (explanation_target == "auto" and record.get("groundtruth_explanation")):
+        if not record.get("groundtruth_explanation"):
+            raise ValueError(f"record of user {record['user']}, item {record['item']} has no groundtruth_explanation; "
+                             "run data/distill.py first or use --explanation_target review")
+        return record["groundtruth_explanation"]
+    return record["explanation"]
+
+
+def user_records(ds, user, split, task):
+    field = TEXT_FIELDS[task]
+    return [r for r in (ds.records or {}).get(split, {}).get(user, ()) if r.get(field)]
+
+
+def text_sample(task, ds, user, rng, split="train", record=None, explanation_target="auto", **opts):
+    record = record or rng.choice(user_records(ds, user, split, task))
+    template = rng.choice(TEMPLATES[task]) if split == "train" else TEMPLATES[task][0]
+    target = explanation_text(record, explanation_target) if task == "explanation" else record["review_summary"]
+    return fill(template, user=record["user"], item=record["item"]), target
+
+
+SAMPLERS = {"sequential": sequential_sample, "topn": topn_sample,
+            "explanation": lambda *a, **k: text_sample("explanation", *a, **k),
+            "review": lambda *a, **k: text_sample("review", *a, **k)}
+
+
+def trainable_users(ds, task, split="train"):
+    """Users who can give a sample of `task` in `split`."""
     if task == "sequential":
-        return [u for u in ds.users if len(ds.sequences[u]) >= 4]   # a window needs 2 training items
-    return ds.users
+        return [u for u in ds.users if len(ds.sequences[u]) >= 4 or split != "train"]   # a window needs 2 items
+    if task == "topn":
+        return ds.users
+    return [u for u in ds.users if user_records(ds, u, split, task)]
 
 
 # ---------------------------------------------------------------------------------------------------- batching
@@ -163,11 +198,11 @@ def collate(encoded, task_id):
             "labels": labels, "task": torch.full((B,), task_id, dtype=torch.long)}
 
 
-def encode_samples(encoder, samples):
+def encode_samples(encoder, samples, target_len=None):
     out = []
     for words, target in samples:
         ids, ww = encoder.words(words)
-        out.append((ids, ww, encoder.target(target)))
+        out.append((ids, ww, encoder.target(target, target_len)))
     return out
 
 
@@ -187,9 +222,11 @@ def epoch_plan(ds, ratio, batch_size, seed, epoch, rank=0, world=1):
     return batches[rank:usable:world]
 
 
-def make_batch(ds, encoder, task, users, rng, split="train"):
-    samples = [SAMPLERS[task](ds, u, rng, split) for u in users]
-    return collate(encode_samples(encoder, samples), TASKS.index(task))
+def make_batch(ds, encoder, task, users, rng, split="train", exp_len=None, **opts):
+    """One single-task batch; opts (negative_num, explanation_target) go to the sampler; text targets are cut to
+    exp_len tokens."""
+    samples = [SAMPLERS[task](ds, u, rng, split, **opts) for u in users]
+    return collate(encode_samples(encoder, samples, exp_len if task in TEXT_FIELDS else None), TASKS.index(task))
 
 
 def to_device(batch, device):
@@ -201,10 +238,14 @@ def tokenizer_corpus(ds, seed=1, max_users=None):
     rng = random.Random(seed)
     users = ds.users if max_users is None else rng.sample(ds.users, min(max_users, len(ds.users)))
     for u in users:
-        for task in SAMPLERS:
+        for task in ("sequential", "topn"):
             words, target = SAMPLERS[task](ds, u, rng, "val")
             yield " ".join(words)
             yield target
+    for by_user in (ds.records or {}).values():     # review text: every record's text fields
+        for recs in by_user.values():
+            for r in recs:
+                yield from (v for k, v in r.items() if isinstance(v, str) and k not in ("feature",))
     for tmpl in (t for ts in TEMPLATES.values() for t in ts):
         yield " ".join(fill(tmpl, user=1, item=1, history=[1], candidates=[1]))
     items = np.arange(1, ds.num_items + 1)

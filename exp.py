@@ -1,0 +1,76 @@
+"""Explanation generation (or review summaries): generate text for every test review record and score it.
+
+    python exp.py --data_dir ./data/beauty/ --cuda --batch_size 32 --checkpoint ./checkpoint/beauty/
+
+Scores BLEU-1/4 and ROUGE-1/2/L (F1, x100) against the review's own sentence (`explanation`, as POD/RDRec) and,
+when the records carry it, against the LLM-written `groundtruth_explanation` (as HDRec) — two different references,
+reported separately and not comparable with each other — plus the feature-level measures FMR, FCR and DIV.
+Predictions go to predictions_exp.jsonl, metrics to results_exp.json in the checkpoint dir.
+"""
+import json
+import time
+from pathlib import Path
+
+import tasks
+from evaluation import autocast, batches, eval_users, load_run, parser, print_table, write_results
+from metrics import feature_metrics, text_metrics
+from tqdm import tqdm
+from utils import atomic_write_text
+
+p = parser("explanation generation: BLEU, ROUGE, FMR, FCR, DIV")
+p.add_argument("--task", choices=["explanation", "review"], default="explanation",
+               help="review: score generated review summaries against review_summary")
+p.add_argument("--num_beams", type=int, default=1)
+p.add_argument("--num_beam_groups", type=int, default=1,
+               help="diverse beam search; transformers 5 serves it from the hub (needs network)")
+p.add_argument("--min_len", type=int, default=0, help="minimum generated tokens")
+p.add_argument("--exp_len", type=int, default=20, help="maximum generated tokens")
+args = p.parse_args()
+started = time.time()
+
+model, tokenizer, meta, ds, encoder, device = load_run(args)
+if not ds.records or not ds.records.get("test"):
+    raise SystemExit(f"{args.data_dir}: no test review records (explanation.json / explanation_rationale.json "
+                     "with a 'test' list); make them with data/prepare.py")
+users = set(eval_users(ds, args.users, args.seed))
+records = [r for u, recs in ds.records["test"].items() if u in users for r in recs
+           if r.get(tasks.TEXT_FIELDS[args.task])]
+if not records:
+    raise SystemExit(f"no test records with a '{tasks.TEXT_FIELDS[args.task]}' field in {ds.records_file}")
+extra = {}
+if args.num_beam_groups > 1:   # group beam search left transformers' core in v5; it is fetched from the hub
+    extra = {"num_beam_groups": args.num_beam_groups, "diversity_penalty": 1.0,
+             "custom_generate": "transformers-community/group-beam-search", "trust_remote_code": True}
+
+generated = []
+task_id = tasks.TASKS.index(args.task)
+for chunk in tqdm(list(batches(records, args.batch_size)), desc=args.task, dynamic_ncols=True):
+    samples = [tasks.SAMPLERS[args.task](ds, r["user"], None, "test", record=r, explanation_target="review")
+               for r in chunk]
+    batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), task_id), device)
+    with autocast(device):
+        out = model.generate(batch, num_beams=args.num_beams, num_return_sequences=1, max_new_tokens=args.exp_len,
+                             min_new_tokens=args.min_len, **extra)
+    generated += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+seconds = time.time() - started
+
+references = {"review sentence": [r["explanation"] for r in records]}
+if args.task == "review":
+    references = {"review_summary": [r["review_summary"] for r in records]}
+elif all(r.get("groundtruth_explanation") for r in records):
+    references["LLM explanation"] = [r["groundtruth_explanation"] for r in records]
+rows = {f"vs {name}": text_metrics(refs, generated) for name, refs in references.items()}
+print_table(rows, f"{args.task}: {len(records)} test records, {len(records) / seconds:.1f} records/s")
+results = {**rows, "reference_fields": list(references)}
+if args.task == "explanation" and all(r.get("feature") for r in records):
+    vocab = {r["feature"] for recs in ds.records.values() for rs in recs.values() for r in rs if r.get("feature")}
+    results["features"] = feature_metrics([r["feature"] for r in records], generated, vocab)
+    print("features: " + ", ".join(f"{k} {v:.4f}" for k, v in results["features"].items()))
+
+lines = [json.dumps({"user": r["user"], "item": r["item"], "feature": r.get("feature"), "generated": g,
+                     **{f: r[f] for f in ("explanation", "groundtruth_explanation", "review_summary") if r.get(f)}},
+                    ensure_ascii=False) for r, g in zip(records, generated)]
+pred_path = Path(args.checkpoint) / f"predictions_{'exp' if args.task == 'explanation' else 'review'}.jsonl"
+atomic_write_text(pred_path, "\n".join(lines) + "\n")
+print(f"predictions: {pred_path}")
+write_results(args, "exp" if args.task == "explanation" else "review", meta, ds, sorted(users), results, started)
