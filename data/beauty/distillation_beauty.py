@@ -1,0 +1,16 @@
+"""Hierarchical distillation of the beauty dataset: all five stages over data/beauty/explanation.json.
+
+    torchrun --nproc_per_node 1 data/beauty/distillation_beauty.py --ckpt_dir llama/llama-3-8b-instruct/ \
+        --tokenizer_path llama/tokenizer.model --max_seq_len 512 --max_batch_size 6
+
+The work is done by data/distill.py (same flags; --data_dir overrides this folder).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
+
+from data.distill import main
+
+if __name__ == "__main__":
+    main(default_data_dir=str(Path(__file__).resolve().parent))
