@@ -1,0 +1,280 @@
+"""data/prepare.py and data/features.py on small slices of the real Amazon 2018 dumps."""
+import gzip
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from data.features import FeatureSelector
+from data.prepare import k_core, parse_args, prepare, split_records
+from dataset import DataError, load_dataset, load_explanations
+
+ROOT = Path(__file__).resolve().parents[1]
+AMAZON = ROOT.parent / "shared" / "data" / "amazon2018"
+GIFT_CARDS = AMAZON / "Gift_Cards_5.json.gz"  # 147 items after 5-core: enough for 99 negatives
+
+
+@pytest.fixture(scope="module")
+def selector():
+    return FeatureSelector()
+
+
+def real_lines(n=None):
+    with gzip.open(GIFT_CARDS, "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    return lines[:n]
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def run(selector, reviews, out, *flags):
+    args = parse_args(["--reviews", str(reviews), "--out", str(out), *flags])
+    return prepare(args, selector=selector, log=lambda *a: None)
+
+
+def read_out(out):
+    names = ("sequential.txt", "datamaps.json", "negative.txt", "explanation.json")
+    return {name: (out / name).read_bytes() for name in names if (out / name).exists()}
+
+
+@pytest.fixture(scope="module")
+def full(selector, tmp_path_factory):
+    """The whole Gift_Cards dump (6 lines have no reviewText), default settings."""
+    out = tmp_path_factory.mktemp("gift_cards")
+    summary = run(selector, GIFT_CARDS, out, "--skip_bad")
+    return out, summary
+
+
+# ----------------------------------------------------------------------------- k-core, ids, loading
+
+
+def test_k_core_is_iterated():
+    # a chain that unravels one pass at a time (u3 and a go first, then u1 and c, then u2 and b), beside a 2x2 core
+    chain = {("u1", "a"), ("u1", "b"), ("u2", "b"), ("u2", "c"), ("u3", "c")}
+    core = {("u4", "x"), ("u4", "y"), ("u5", "x"), ("u5", "y")}
+    kept, iterations = k_core(chain | core, 2)
+    assert kept == core and iterations == 4  # 3 passes that drop pairs, 1 that finds nothing to drop
+    kept, iterations = k_core(core, 2)
+    assert kept == core and iterations == 1
+    assert k_core(core, 3)[0] == set()
+
+
+def test_output_loads_and_is_k_core(full):
+    out, summary = full
+    ds = load_dataset(out, log=lambda *a: pytest.fail("negative.txt should have been written"))
+    assert len(ds.sequences) == summary["users"] == 451 and ds.num_items == summary["items"] == 147
+    item_counts = Counter(i for s in ds.sequences.values() for i in s)
+    assert min(len(s) for s in ds.sequences.values()) >= 5
+    assert min(item_counts.values()) >= 5 and len(item_counts) == ds.num_items
+    assert all(len(set(s)) == len(s) for s in ds.sequences.values())  # one interaction per user-item pair
+    assert summary["bad_lines"]["missing_text"]["count"] == 6
+    maps = json.loads((out / "datamaps.json").read_text())
+    assert {v: k for k, v in maps["id2user"].items()} == maps["user2id"]
+    assert {v: k for k, v in maps["id2item"].items()} == maps["item2id"]
+    splits = load_explanations(out / "explanation.json", required=("user", "item", "explanation", "feature"))
+    assert sum(map(len, splits.values())) == sum(summary["records"].values()) > 1000
+    summary_file = json.loads((out / "prepare_summary.json").read_text())
+    assert summary_file["input"]["sha256"] and summary_file["interactions"] == sum(map(len, ds.sequences.values()))
+
+
+def test_sequences_are_time_ordered_with_first_appearance_ids(full):
+    out, _ = full
+    maps = json.loads((out / "datamaps.json").read_text())
+    reviews = [json.loads(line) for line in real_lines()]
+    time_of = {}
+    for r in reviews:  # earliest review of a pair is the one kept
+        key = (r["reviewerID"], r["asin"])
+        time_of[key] = min(time_of.get(key, r["unixReviewTime"]), r["unixReviewTime"])
+    next_item = 1
+    for line in (out / "sequential.txt").read_text().splitlines():
+        user, *items = map(int, line.split())
+        times = [time_of[maps["id2user"][str(user)], maps["id2item"][str(i)]] for i in items]
+        assert times == sorted(times)
+        for i in items:
+            assert i <= next_item  # a new item always gets the next id
+            next_item = max(next_item, i + 1)
+    users = [int(line.split()[0]) for line in (out / "sequential.txt").read_text().splitlines()]
+    assert users == list(range(1, len(users) + 1))
+    first_line = {}
+    for n, r in enumerate(reviews):
+        first_line.setdefault(r["reviewerID"], n)
+    order = [first_line[maps["id2user"][str(u)]] for u in users]
+    assert order == sorted(order)  # users numbered by their first review in the file
+
+
+@pytest.fixture(scope="module")
+def slice_run(tmp_path_factory):
+    """The first 1500 lines of Gift_Cards, prepared by the command line (plain file): (dir, input files)."""
+    tmp = tmp_path_factory.mktemp("slice")
+    lines = real_lines(1500)
+    plain = write(tmp / "slice.json", lines)
+    zipped = tmp / "slice.json.gz"
+    zipped.write_bytes(gzip.compress(plain.read_bytes()))
+    literal = write(tmp / "slice_2014.txt", [repr(json.loads(line)) for line in lines])  # 2014 dict-literal style
+    cli = subprocess.run([sys.executable, "data/prepare.py", "--reviews", str(plain), "--out", str(tmp / "cli"),
+                          "--skip_bad"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert "5-core" in cli.stdout and "explanation records" in cli.stdout
+    return tmp / "cli", {"plain": plain, "gzip": zipped, "literal": literal}
+
+
+def test_deterministic_gzip_plain_python_literals_and_cli(selector, slice_run, tmp_path):
+    out, inputs = slice_run
+    assert inputs["literal"].read_text().startswith("{'")
+    run(selector, inputs["gzip"], tmp_path / "gz", "--skip_bad")
+    run(selector, inputs["literal"], tmp_path / "lit", "--skip_bad")
+    reference = read_out(out)
+    assert set(reference) == {"sequential.txt", "datamaps.json", "explanation.json"}  # 31 items: no negatives
+    assert read_out(tmp_path / "gz") == reference
+    assert read_out(tmp_path / "lit") == reference
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert summary["k_core"]["iterations"] > 2 and summary["negatives"].startswith("not written")
+    assert summary["bad_lines"]["missing_text"]["first_lines"] == [1216, 1351, 1456]
+
+
+def test_random_item_ids_are_a_seeded_permutation(selector, slice_run, tmp_path):
+    out, inputs = slice_run
+    run(selector, inputs["plain"], tmp_path / "r", "--skip_bad", "--item_ids", "random", "--seed", "7")
+    a, b = json.loads((out / "datamaps.json").read_text()), json.loads((tmp_path / "r" / "datamaps.json").read_text())
+    assert sorted(map(int, b["id2item"])) == sorted(map(int, a["id2item"])) == list(range(1, len(a["id2item"]) + 1))
+    assert a["id2item"] != b["id2item"] and a["id2user"] == b["id2user"]
+
+    def as_asins(d, maps):
+        return {maps["id2user"][line.split()[0]]: [maps["id2item"][i] for i in line.split()[1:]]
+                for line in (d / "sequential.txt").read_text().splitlines()}
+    assert as_asins(out, a) == as_asins(tmp_path / "r", b)  # same data, other numbers
+    recs = json.loads((tmp_path / "r" / "explanation.json").read_text())
+    orig = json.loads((out / "explanation.json").read_text())
+    assert [(b["id2item"][str(r["item"])], r["explanation"]) for r in recs["test"]] == \
+           [(a["id2item"][str(r["item"])], r["explanation"]) for r in orig["test"]]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+BAD = {
+    "not_json": '{"reviewerID": "A1", "asin": "B1", "reviewText": "nice',
+    "missing_id": '{"asin": "B1", "reviewText": "Nice card.", "unixReviewTime": 1400000000}',
+    "missing_text": '{"reviewerID": "A1", "asin": "B1", "summary": "ok", "unixReviewTime": 1400000000}',
+    "empty_review": '{"reviewerID": "A1", "asin": "B1", "reviewText": "   ", "unixReviewTime": 1400000000}',
+    "missing_time": '{"reviewerID": "A1", "asin": "B1", "reviewText": "Nice card."}',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_line_stops_the_run_with_its_line_number(kind, tmp_path):
+    lines = real_lines(40)
+    lines.insert(16, BAD[kind])  # line 17
+    path = write(tmp_path / "reviews.json", lines)
+    with pytest.raises(DataError) as e:
+        run(None, path, tmp_path / "out")  # fails in the scan, before any NLP model is loaded
+    msg = str(e.value)
+    assert str(path) in msg and f"{kind}: 1 (line 17)" in msg and "--skip_bad" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_bad_counts_every_kind(selector, tmp_path):
+    lines = real_lines(1000)
+    where = {}
+    for n, kind in enumerate(sorted(BAD)):
+        lines.insert(100 * (n + 1), BAD[kind])
+        where[kind] = 100 * (n + 1) + 1
+    lines.insert(50, "")  # blank lines are ignored, not bad
+    where = {k: v + 1 if v > 50 else v for k, v in where.items()}
+    for kind in BAD:  # the file really has each bad line where we think
+        assert lines[where[kind] - 1] == BAD[kind]
+    summary = run(selector, write(tmp_path / "reviews.json", lines), tmp_path / "out", "--skip_bad", "--k", "3")
+    assert {k: v["first_lines"] for k, v in summary["bad_lines"].items()} == {k: [v] for k, v in where.items()}
+    assert summary["valid_reviews"] == 1000 and summary["lines"] == 1006
+    assert (tmp_path / "out" / "sequential.txt").exists()
+
+
+def test_gift_cards_real_missing_text_lines_are_reported(tmp_path):
+    with pytest.raises(DataError, match=r"missing_text: 6 \(lines 1216, 1351, 1456, 1666, 1798, \.\.\.\)"):
+        run(None, GIFT_CARDS, tmp_path / "out")
+
+
+def test_nothing_left_after_k_core_is_an_error(tmp_path):
+    path = write(tmp_path / "reviews.json", real_lines(300))
+    with pytest.raises(DataError, match="nothing is left after the 5-core filter"):
+        run(None, path, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- explanation records
+
+
+def test_selector_picks_an_opinion_sentence_with_its_feature(selector):
+    texts = [
+        "I bought this for my wife last week. The scent is lovely and it lasts all day.",
+        "Arrived on Tuesday. It was in a box.",                      # no opinion
+        "I love it!",                                                # opinion, no feature
+        "The packaging is nice. But the handle broke after two weeks of terrible use.",
+        "Great product",
+    ]
+    picked = selector.select(texts)
+    assert picked[0][:2] == ("The scent is lovely and it lasts all day", "scent")
+    assert picked[1] is None and picked[2] is None
+    assert picked[3][:2] == ("But the handle broke after two weeks of terrible use", "handle")  # stronger opinion
+    assert picked[4][:2] == ("Great product", "product")
+
+
+def test_records_come_from_their_own_review(full):
+    out, summary = full
+    maps = json.loads((out / "datamaps.json").read_text())
+    texts = {}
+    for r in map(json.loads, real_lines()):
+        texts.setdefault((r["reviewerID"], r["asin"]), []).append(" ".join(r.get("reviewText", "").split()))
+    splits = json.loads((out / "explanation.json").read_text())
+    pairs = set()
+    for records in splits.values():
+        for rec in records:
+            key = (maps["id2user"][str(rec["user"])], maps["id2item"][str(rec["item"])])
+            assert any(rec["explanation"] in t for t in texts[key])
+            assert rec["feature"].lower() in rec["explanation"].lower()
+            assert isinstance(rec["summary"], str) and rec["rating"] in (1.0, 2.0, 3.0, 4.0, 5.0)
+            pairs.add((rec["user"], rec["item"]))
+    assert len(pairs) == sum(summary["records"].values())  # at most one record per review
+    assert summary["reviews_without_record"] > 0  # e.g. "Great" has no feature
+
+
+def test_loo_split_matches_sequential_leave_one_out(full):
+    out, _ = full
+    ds = load_dataset(out)
+    splits = json.loads((out / "explanation.json").read_text())
+    for rec in splits["test"]:
+        assert rec["item"] == ds.test_item(rec["user"])
+    for rec in splits["val"]:
+        assert rec["item"] == ds.val_item(rec["user"])
+    for rec in splits["train"]:
+        assert rec["item"] in ds.train_items(rec["user"])
+    test_pairs = {(r["user"], r["item"]) for r in splits["test"]}
+    assert not test_pairs & {(r["user"], r["item"]) for r in splits["train"] + splits["val"]}
+
+
+def test_random_split_is_8_1_1_of_the_same_records(selector, slice_run, tmp_path):
+    out, inputs = slice_run
+    loo = json.loads((out / "explanation.json").read_text())
+    run(selector, inputs["plain"], tmp_path / "a", "--skip_bad", "--split", "random", "--seed", "3")
+    a = json.loads((tmp_path / "a" / "explanation.json").read_text())
+    n = sum(map(len, a.values()))
+    assert len(a["train"]) == int(0.8 * n) and len(a["val"]) == int(0.1 * n)
+    key = lambda r: (r["user"], r["item"])  # noqa: E731
+    assert sorted(map(key, sum(a.values(), []))) == sorted(map(key, sum(loo.values(), [])))
+    assert set(map(key, a["test"])) != set(map(key, loo["test"]))
+    assert not set(map(key, a["test"])) & set(map(key, a["train"]))
+
+
+def test_random_split_is_seeded():
+    sequences = {u: [(t, 10 * u + t, t) for t in range(1, 8)] for u in range(1, 21)}  # user -> (time, line, item)
+    records = {line: {"user": u, "item": i} for u, s in sequences.items() for _, line, i in s}
+    one, again, other = (split_records(records, sequences, "random", seed) for seed in (1, 1, 2))
+    assert one == again and one != other
+    assert [len(one[k]) for k in ("train", "val", "test")] == [112, 14, 14]
+    loo = split_records(records, sequences, "loo", 1)
+    assert all(r["item"] == 7 for r in loo["test"]) and all(r["item"] == 6 for r in loo["val"])
