@@ -346,14 +346,16 @@ def setup_distributed():
 
 
 def write_rationale(data_dir, records, sizes, extra, outputs):
-    """explanation_rationale.json: explanation.json's splits, each record plus the fields of all five stages."""
+    """explanation_rationale.json: explanation.json's splits, each record plus the fields of all five stages.
+    Records outside a --limit trial are kept as they are (no rationale fields), so training loses no review."""
     merged = dict(extra)
     for split in sizes:
         merged[split] = []
     for key, record in records.items():
         row = dict(record)
         for stage in STAGES:
-            row.update(outputs[stage.number][key]["outputs"])
+            if key in outputs[stage.number]:
+                row.update(outputs[stage.number][key]["outputs"])
         merged[key[0]].append(row)
     path = Path(data_dir) / "explanation_rationale.json"
     utils.atomic_write_json(path, merged)
@@ -397,8 +399,11 @@ def distill(args, generator):
         print(f"no current answer yet for: {', '.join(f'stage {n} ({k} records)' for n, k in unfinished.items())}; "
               f"explanation_rationale.json not written (run --stages {','.join(map(str, unfinished))})")
         return None
+    if args.limit:   # every record goes into the merged file; only the first N per split carry rationales
+        all_records, sizes, extra = load_records(source)
+        records = {key: records.get(key, record) for key, record in all_records.items()}
     path = write_rationale(data_dir, records, sizes, extra, outputs)
-    print(f"wrote {path}" + (f" (trial: first {args.limit} records per split)" if args.limit else ""))
+    print(f"wrote {path}" + (f" (trial: rationales for the first {args.limit} records per split)" if args.limit else ""))
     return path
 
 

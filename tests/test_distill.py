@@ -324,7 +324,11 @@ def test_limit_runs_a_trial_on_the_first_records(tmp_path, capsys):
     data_dir = make_dataset(tmp_path / "toys")
     fake = Fake()
     merged = json.loads(run(data_dir, fake, "--limit", "2", "--stages", "1,2,3,4,5").read_text())
-    assert [len(merged[s]) for s in ("train", "val", "test")] == [2, 2, 2]
+    source = json.loads((data_dir / "explanation.json").read_text())
+    assert [len(merged[s]) for s in ("train", "val", "test")] == [len(source[s]) for s in ("train", "val", "test")]
+    for split in ("train", "val", "test"):   # every record kept; only the first 2 of each split carry rationales
+        assert [all(f in r for f in FIELDS) for r in merged[split]] == [i < 2 for i in range(len(source[split]))]
+        assert [r["explanation"] for r in merged[split]] == [r["explanation"] for r in source[split]]
     assert len(fake.answered) == 5 * 5  # val[0] repeats train[0]
     assert "trial" in capsys.readouterr().out
 
@@ -411,8 +415,8 @@ def test_short_real_run_with_the_default_smollm2(tmp_path, capsys):
     distill.main(["--data_dir", str(data_dir), "--limit", "3", "--greedy", "--max_batch_size", "3", "--max_gen_len", "64"])
     out = capsys.readouterr().out
     merged = json.loads((data_dir / "explanation_rationale.json").read_text())
-    assert list(merged) == ["source", "train"] and len(merged["train"]) == 3
-    for record in merged["train"]:
+    assert list(merged) == ["source", "train"] and len(merged["train"]) == 25
+    for record in merged["train"][:3]:
         assert all(isinstance(record[f], str) and record[f].strip() for f in FIELDS)
     answered = [line for k in range(1, 6) for line in distill.read_stage(data_dir / "distill", k).values()]
     assert len(answered) == 15 and not any(line["fallback"] == distill.BACKEND_FAILURE for line in answered)
