@@ -22,12 +22,11 @@ def _where(path, lineno):
     return f"{path}:{lineno}" if lineno else str(path)
 
 
-def load_sequences(path, id2user=None, id2item=None):
-    """sequential.txt -> {user: [item, ...]} in file order, validated (against datamaps when given)."""
+def id_lines(path):
+    """(line number, [int, ...]) for every non-blank line of a whitespace-separated id file."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    sequences = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             fields = line.split()
@@ -40,19 +39,37 @@ def load_sequences(path, id2user=None, id2item=None):
                 raise DataError(f"{_where(path, lineno)}: non-integer id {bad!r}") from None
             if min(ids) < 1:
                 raise DataError(f"{_where(path, lineno)}: ids start at 1, found {min(ids)}")
-            user, items = ids[0], ids[1:]
-            if user in sequences:
-                raise DataError(f"{_where(path, lineno)}: user {user} appears twice")
-            if len(items) < 3:
-                raise DataError(f"{_where(path, lineno)}: user {user} has {len(items)} items; "
-                                "leave-one-out needs at least 3 (train, validation, test)")
-            if id2user is not None and user not in id2user:
-                raise DataError(f"{_where(path, lineno)}: user {user} is not in datamaps.json")
-            if id2item is not None:
-                unknown = [i for i in items if i not in id2item]
-                if unknown:
-                    raise DataError(f"{_where(path, lineno)}: item {unknown[0]} is not in datamaps.json")
-            sequences[user] = items
+            yield lineno, ids
+
+
+def read_json(path):
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def load_sequences(path, id2user=None, id2item=None):
+    """sequential.txt -> {user: [item, ...]} in file order, validated (against datamaps when given)."""
+    path = Path(path)
+    sequences = {}
+    for lineno, ids in id_lines(path):
+        user, items = ids[0], ids[1:]
+        if user in sequences:
+            raise DataError(f"{_where(path, lineno)}: user {user} appears twice")
+        if len(items) < 3:
+            raise DataError(f"{_where(path, lineno)}: user {user} has {len(items)} items; "
+                            "leave-one-out needs at least 3 (train, validation, test)")
+        if id2user is not None and user not in id2user:
+            raise DataError(f"{_where(path, lineno)}: user {user} is not in datamaps.json")
+        if id2item is not None:
+            unknown = [i for i in items if i not in id2item]
+            if unknown:
+                raise DataError(f"{_where(path, lineno)}: item {unknown[0]} is not in datamaps.json")
+        sequences[user] = items
     if not sequences:
         raise DataError(f"{path}: no sequences (empty file)")
     return sequences
@@ -60,13 +77,7 @@ def load_sequences(path, id2user=None, id2item=None):
 
 def load_datamaps(path):
     """datamaps.json -> (id2user, id2item) with int keys; accepts id2* or the older user2id/item2id style."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    try:
-        maps = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    maps = read_json(path)
     out = []
     for kind in ("user", "item"):
         if f"id2{kind}" in maps:
@@ -110,30 +121,22 @@ def load_negatives(path, sequences, num_items, n=None):
     line's count when n is None)."""
     path = Path(path)
     negatives = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            try:
-                ids = [int(x) for x in fields]
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: non-integer id in {line.strip()[:60]!r}") from None
-            user, negs = ids[0], ids[1:]
-            if user not in sequences:
-                raise DataError(f"{path}:{lineno}: user {user} is not in sequential.txt")
-            if user in negatives:
-                raise DataError(f"{path}:{lineno}: user {user} appears twice")
-            n = n or len(negs)
-            if len(negs) != n:
-                raise DataError(f"{path}:{lineno}: user {user} has {len(negs)} negatives, expected {n}")
-            bad = [x for x in negs if not 1 <= x <= num_items]
-            if bad:
-                raise DataError(f"{path}:{lineno}: unknown item id {bad[0]} (items are 1..{num_items})")
-            bought = set(sequences[user]) & set(negs)
-            if bought:
-                raise DataError(f"{path}:{lineno}: negative {min(bought)} was bought by user {user}")
-            negatives[user] = negs
+    for lineno, ids in id_lines(path):
+        user, negs = ids[0], ids[1:]
+        if user not in sequences:
+            raise DataError(f"{path}:{lineno}: user {user} is not in sequential.txt")
+        if user in negatives:
+            raise DataError(f"{path}:{lineno}: user {user} appears twice")
+        n = n or len(negs)
+        if len(negs) != n:
+            raise DataError(f"{path}:{lineno}: user {user} has {len(negs)} negatives, expected {n}")
+        bad = [x for x in negs if not 1 <= x <= num_items]
+        if bad:
+            raise DataError(f"{path}:{lineno}: unknown item id {bad[0]} (items are 1..{num_items})")
+        bought = set(sequences[user]) & set(negs)
+        if bought:
+            raise DataError(f"{path}:{lineno}: negative {min(bought)} was bought by user {user}")
+        negatives[user] = negs
     missing = set(sequences) - set(negatives)
     if missing:
         raise DataError(f"{path}: no negatives for {len(missing)} users (e.g. user {min(missing)})")
@@ -142,13 +145,7 @@ def load_negatives(path, sequences, num_items, n=None):
 
 def load_explanations(path, required=("user", "item", "explanation")):
     """explanation.json / explanation_rationale.json -> {split: [record, ...]}; every record must have `required`."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    data = read_json(path)
     splits = {k: v for k, v in data.items() if k in ("train", "val", "test")}
     if not splits:
         raise DataError(f"{path}: no 'train', 'val' or 'test' list")

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 from tqdm import tqdm
 
 import utils
+from dataset import read_json
 from data.stages import PRODUCER, STAGES, fallback_fields, load_prompts, parse_answer, render_dialog, PROMPTS_FILE
 
 BACKEND_FAILURE = "backend failure"
@@ -74,10 +75,7 @@ def load_records(path, limit=None):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found (a dataset dir needs explanation.json, see data/prepare.py)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    data = read_json(path)
     splits = {name: value for name, value in data.items() if isinstance(value, list)} if isinstance(data, dict) else {}
     if not splits:
         raise ValueError(f'{path}: expected {{"train": [...], "val": [...], "test": [...]}}, found no list of records')
