@@ -1,0 +1,127 @@
+"""HSFT throughput: item-caching items/s, training sequences/s, evaluation users/s (full ranking).
+
+    python hllm/bench.py                                   # tiny random Llama models, synthetic data (seconds)
+    python hllm/bench.py --item_llm default --user_llm default --items 64 --users 256   # SmolLM2-135M
+    python hllm/bench.py --data_dir DIR --item_cache items.safetensors --user_llm default  # a real dataset
+
+Figures depend on the machine and its load; compare runs on the same machine.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import torch
+
+from dataset import Dataset
+from hllm.data import load_interactions
+from hllm.evaluate import evaluate_model, pad_right
+from hllm.item_caching import embed_texts, load_item_cache
+from hllm.llm import load_base_model, load_tokenizer
+from hllm.model import build_user_llm, trainable_parameters
+from utils import pick_device, seed_everything
+
+WORDS = "soft red blue cream lotion shampoo hair skin nice cheap smell great face oil dry gentle".split()
+
+
+def tiny_model(folder, hidden, layers, vocab):
+    """A random Llama of the given size (and a word-level tokenizer over `vocab`), saved to `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    words = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", *vocab])}
+    config = LlamaConfig(vocab_size=len(words), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+    return str(folder)
+
+
+def synthetic_dataset(num_users, num_items, length, generator):
+    sequences = {u: (torch.randperm(num_items, generator=generator)[:length] + 1).tolist()
+                 for u in range(1, num_users + 1)}
+    return Dataset(Path("synthetic"), sequences, num_items, {}, {u: f"U{u}" for u in sequences},
+                   {i: f"I{i}" for i in range(1, num_items + 1)})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--item_llm", default="tiny", help="'tiny' (random, made here), 'default' (SmolLM2-135M) or a path")
+    p.add_argument("--user_llm", default="tiny")
+    p.add_argument("--tiny_hidden", type=int, default=128)
+    p.add_argument("--tiny_layers", type=int, default=4)
+    p.add_argument("--data_dir", default=None, help="a real dataset (needs --item_cache); default synthetic")
+    p.add_argument("--item_cache", default=None)
+    p.add_argument("--items", type=int, default=256, help="synthetic items")
+    p.add_argument("--users", type=int, default=512, help="synthetic users")
+    p.add_argument("--length", type=int, default=12, help="synthetic sequence length")
+    p.add_argument("--text_words", type=int, default=48, help="words per synthetic item text")
+    p.add_argument("--mode", default="lora", choices=("lora", "full"))
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--max_seq_len", type=int, default=20)
+    p.add_argument("--cuda", action="store_true")
+    p.add_argument("--seed", type=int, default=2022)
+    args = p.parse_args()
+    seed_everything(args.seed)
+    device = pick_device(args.cuda)
+    generator = torch.Generator().manual_seed(args.seed)
+    tmp = tempfile.TemporaryDirectory()
+    resolve = lambda name, sub: (tiny_model(Path(tmp.name) / sub, args.tiny_hidden, args.tiny_layers, WORDS)
+                                 if name == "tiny" else None if name == "default" else name)
+    print(f"device {device}, torch threads {torch.get_num_threads()}")
+
+    # 1. item caching: embed synthetic item texts
+    item_model, path = load_base_model(resolve(args.item_llm, "item"))
+    item_model.to(device)
+    tokenizer = load_tokenizer(path)
+    texts = [" ".join(WORDS[j % len(WORDS)] for j in range(i, i + args.text_words)) for i in range(args.items)]
+    embed_texts(item_model, tokenizer, texts[:8], device=device, progress=False)  # warm-up
+    start = time.time()
+    embeddings = embed_texts(item_model, tokenizer, texts, device=device, progress=False)
+    seconds = time.time() - start
+    print(f"item caching: {args.items} items x ~{args.text_words} words in {seconds:.2f}s = "
+          f"{args.items / seconds:.1f} items/s ({Path(path).name}, dim {embeddings.shape[1]})")
+    del item_model
+
+    # 2. training and 3. evaluation of the user LLM
+    if args.data_dir:
+        ds = load_interactions(args.data_dir)
+        embeddings, _ = load_item_cache(args.item_cache, list(range(1, ds.num_items + 1)), ds.id2item)
+    else:
+        ds = synthetic_dataset(args.users, args.items, args.length, generator)
+    table = torch.cat([torch.zeros(1, embeddings.shape[1]), embeddings])
+    model = build_user_llm(resolve(args.user_llm, "user"), table, args.mode, device)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
+    sequences = [ds.train_items(u)[-(args.max_seq_len + 1):] for u in ds.sequences]
+    batches = [sequences[i:i + args.batch_size] for i in range(0, len(sequences), args.batch_size)]
+    seen, start = 0, None
+    for step in range(args.steps + 1):  # step 0 is warm-up
+        if step == 1:
+            start = time.time()
+        batch = batches[step % len(batches)]
+        loss = model.loss(pad_right(batch).to(device), "nce", min(256, ds.num_items), generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(batch) if step else 0
+    seconds = time.time() - start
+    print(f"training ({args.mode}): {seen} sequences in {seconds:.2f}s = {seen / seconds:.1f} sequences/s "
+          f"(batch {args.batch_size}, {sum(p.numel() for p in trainable_parameters(model)):,} trainable params)")
+    start = time.time()
+    evaluate_model(model, ds, "test", 64, args.max_seq_len, device)
+    seconds = time.time() - start
+    print(f"evaluation: {len(ds.sequences)} users x {ds.num_items} items in {seconds:.2f}s = "
+          f"{len(ds.sequences) / seconds:.1f} users/s")
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

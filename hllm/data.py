@@ -1,0 +1,231 @@
+"""HSFT data: interaction sequences and one text per item.
+
+Interactions come from a P5-style dataset dir (sequential.txt + datamaps.json; what data/prepare.py writes too) or
+from the PixelRec layout (ROOT/dataset/<name>.csv with item_id,user_id,timestamp). Both become a `dataset.Dataset`
+(items numbered 1..num_items, leave-one-out split), so the rest of hllm/ sees one type.
+
+Item text, best first (`--item_text auto` picks the first that exists):
+  meta       title / brand / tag / description from an item metadata file: Amazon meta_*.json(.gz) lines keyed by
+             asin, or PixelRec information/<name>.csv (item_id,title,tag,description);
+  rationale  the distilled item_attribution + item_audience of the item's reviews (explanation_rationale.json);
+  summary    the item's review summaries: review_summary, else the raw `summary` field, else the review sentence.
+Review-based text only uses reviews of training interactions: a user's validation and test reviews would leak the
+answer into the item's text. Items left without text get their raw id as text (counted and reported).
+"""
+import ast
+import csv
+import gzip
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from dataset import Dataset, DataError, load_datamaps, load_explanations, load_sequences
+from utils import file_sha256
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TEXT_SOURCES = ("auto", "meta", "rationale", "summary")
+MAX_TEXT_CHARS = 2000  # item text is cut to a few hundred tokens later anyway
+
+
+# ----------------------------------------------------------------------------- interactions
+
+def load_p5_dir(data_dir):
+    """A P5-style dataset dir. Unlike dataset.load_dataset this needs no negative.txt (full ranking uses none),
+    so read-only dirs such as ../shared/data/p5/beauty work as they are."""
+    data_dir = Path(data_dir)
+    id2user, id2item = load_datamaps(data_dir / "datamaps.json")
+    sequences = load_sequences(data_dir / "sequential.txt", id2user, id2item)
+    hashes = {name: file_sha256(data_dir / name) for name in ("sequential.txt", "datamaps.json")}
+    return Dataset(data_dir, sequences, max(id2item), {}, id2user, id2item, hashes=hashes)
+
+
+def load_pixelrec(root, name, log=print):
+    """PixelRec: ROOT/dataset/<name>.csv (item_id,user_id,timestamp). Items are numbered 1..N in order of first
+    appearance; users with fewer than 3 interactions can't be split leave-one-out and are dropped (counted)."""
+    path = Path(root) / "dataset" / f"{name}.csv"
+    if not path.exists():
+        raise DataError(f"{path}: file not found (PixelRec layout: ROOT/dataset/<name>.csv)")
+    events = defaultdict(list)
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"item_id", "user_id", "timestamp"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path}:1: header lacks {sorted(missing)} (expected item_id,user_id,timestamp)")
+        for lineno, row in enumerate(reader, 2):
+            item, user, ts = (row["item_id"] or "").strip(), (row["user_id"] or "").strip(), row["timestamp"]
+            if not item or not user:
+                raise DataError(f"{path}:{lineno}: empty item_id or user_id")
+            try:
+                ts = float(ts)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}:{lineno}: timestamp {ts!r} is not a number") from None
+            events[user].append((ts, lineno, item))
+    if not events:
+        raise DataError(f"{path}: no interactions")
+    item2id, sequences, id2user, dropped = {}, {}, {}, 0
+    for user, evs in events.items():
+        evs.sort()  # time order; file order breaks ties
+        if len(evs) < 3:
+            dropped += 1
+            continue
+        uid = len(sequences) + 1
+        id2user[uid] = user
+        sequences[uid] = [item2id.setdefault(item, len(item2id) + 1) for _, _, item in evs]
+    if dropped:
+        log(f"{path}: dropped {dropped} users with fewer than 3 interactions")
+    if not sequences:
+        raise DataError(f"{path}: no user has 3 or more interactions")
+    id2item = {i: raw for raw, i in item2id.items()}
+    return Dataset(path.parent.parent, sequences, len(id2item), {}, id2user, id2item,
+                   hashes={path.name: file_sha256(path)})
+
+
+def resolve_dataset(dataset=None, data_dir=None):
+    """(kind, location, name) from the seed's --dataset NAME_OR_DIR and an optional --data_dir.
+    kind 'p5': a dir with sequential.txt; kind 'pixelrec': a root with dataset/<name>.csv."""
+    candidates = []
+    if data_dir:
+        candidates.append(Path(data_dir))
+    if dataset and Path(dataset).is_dir():
+        candidates.append(Path(dataset))
+    elif dataset:
+        candidates += [Path("data") / dataset, SHARED_DATA / "p5" / dataset, Path(".")]  # ".": the seed's PixelRec root
+    name = Path(dataset).name if dataset else None
+    for where in candidates:
+        if (where / "sequential.txt").exists():
+            return "p5", where, name or where.name
+        if name and (where / "dataset" / f"{name}.csv").exists():
+            return "pixelrec", where, name
+    raise DataError(f"dataset {dataset!r} not found: looked for sequential.txt or dataset/{name}.csv in "
+                    f"{', '.join(map(str, candidates)) or 'nowhere (give --dataset or --data_dir)'}")
+
+
+def load_interactions(dataset=None, data_dir=None, log=print):
+    kind, where, name = resolve_dataset(dataset, data_dir)
+    ds = load_p5_dir(where) if kind == "p5" else load_pixelrec(where, name, log)
+    ds.kind, ds.name = kind, name
+    return ds
+
+
+# ----------------------------------------------------------------------------- item text
+
+def _clean(value):
+    if isinstance(value, list):
+        value = " ".join(str(v) for v in value if v)
+    return " ".join(str(value or "").split())
+
+
+def _meta_text(fields):
+    parts = [f"{label}: {_clean(fields.get(key))}." for key, label in
+             (("title", "Title"), ("brand", "Brand"), ("tag", "Tag"), ("description", "Description"))
+             if _clean(fields.get(key))]
+    return " ".join(parts)[:MAX_TEXT_CHARS]
+
+
+def read_item_meta(path):
+    """{raw item key: text} from Amazon meta lines (JSON, or the 2014 dumps' Python literals) or a PixelRec
+    information CSV."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    texts = {}
+    if path.suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if "item_id" not in (reader.fieldnames or []):
+                raise DataError(f"{path}:1: header lacks item_id (expected item_id,title,tag,description)")
+            for row in reader:
+                texts[row["item_id"].strip()] = _meta_text(row)
+        return texts
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                try:
+                    record = ast.literal_eval(line)
+                except (ValueError, SyntaxError):
+                    raise DataError(f"{path}:{lineno}: neither JSON nor a Python literal") from None
+            if "asin" not in record:
+                raise DataError(f"{path}:{lineno}: no 'asin' field")
+            texts[record["asin"]] = _meta_text(record)
+    return texts
+
+
+def _review_records(ds):
+    """Review records of training interactions only, from explanation_rationale.json or explanation.json."""
+    for name in ("explanation_rationale.json", "explanation.json"):
+        path = Path(ds.data_dir) / name
+        if path.exists():
+            break
+    else:
+        return None, []
+    held_out = {(u, ds.val_item(u)) for u in ds.sequences} | {(u, ds.test_item(u)) for u in ds.sequences}
+    records = []
+    for split in load_explanations(path, required=("user", "item")).values():
+        for rec in split:
+            try:
+                key = (int(rec["user"]), int(rec["item"]))
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: record {rec!r:.80} has a non-integer user or item") from None
+            if key not in held_out:
+                records.append(rec)
+    return path, records
+
+
+def _texts_from_reviews(records, fields):
+    """Per item, its distinct review strings (first available field of `fields`, in order), joined."""
+    per_item = defaultdict(dict)  # dict as an ordered set
+    for rec in records:
+        for group in fields:
+            values = [_clean(rec.get(f)) for f in group if _clean(rec.get(f))]
+            if values:
+                for v in values:
+                    per_item[int(rec["item"])][v] = None
+                break
+    return {item: " ".join(v)[:MAX_TEXT_CHARS] for item, v in per_item.items()}
+
+
+RATIONALE_FIELDS = [("item_attribution", "item_audience")]
+SUMMARY_FIELDS = [("review_summary",), ("summary",), ("explanation",)]
+
+
+def item_texts(ds, source="auto", item_meta=None, log=print):
+    """{item id: text} for items 1..num_items, the source used, and how many items fell back to their raw id."""
+    if source not in TEXT_SOURCES:
+        raise ValueError(f"--item_text must be one of {TEXT_SOURCES}, got {source!r}")
+    if item_meta is None and getattr(ds, "kind", "p5") == "pixelrec":
+        guess = Path(ds.data_dir) / "information" / f"{ds.name}.csv"
+        item_meta = guess if guess.exists() else None
+    texts = {}
+    if source == "meta" or (source == "auto" and item_meta):
+        if not item_meta:
+            raise DataError("--item_text meta needs --item_meta FILE (Amazon meta_*.json(.gz) or PixelRec "
+                            "information/<name>.csv)")
+        by_key = read_item_meta(item_meta)
+        texts = {i: by_key[str(raw)] for i, raw in ds.id2item.items() if by_key.get(str(raw))}
+        source = "meta"
+    else:
+        path, records = _review_records(ds)
+        if source in ("rationale", "auto"):
+            texts = _texts_from_reviews(records, RATIONALE_FIELDS)
+            if texts or source == "rationale":
+                if not texts:
+                    raise DataError(f"--item_text rationale: no item_attribution/item_audience in "
+                                    f"{path or Path(ds.data_dir) / 'explanation_rationale.json'}")
+                source = "rationale"
+        if not texts:
+            texts = _texts_from_reviews(records, SUMMARY_FIELDS)
+            source = "summary"
+            if not texts:
+                log(f"no review text in {ds.data_dir} (explanation_rationale.json / explanation.json): "
+                    "every item falls back to its raw id")
+    fallback = [i for i in range(1, ds.num_items + 1) if i not in texts]
+    for i in fallback:
+        texts[i] = f"Item {ds.id2item.get(i, i)}."
+    if fallback:
+        log(f"item text ({source}): {len(fallback)} of {ds.num_items} items have none; using their raw id")
+    return texts, source, len(fallback)
