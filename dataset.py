@@ -116,10 +116,15 @@ def write_negatives(path, negatives):
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def negatives_per_user(sequences, num_items):
+    """99, or fewer when the catalogue is too small for every user to have 99 unbought items."""
+    return min(NUM_NEGATIVES, num_items - max(len(set(s)) for s in sequences.values()))
+
+
 def load_negatives(path, sequences, num_items, n=None):
-    """negative.txt -> {user: [item, ...]}; every line must hold the same number of negatives (n, or the first
-    line's count when n is None)."""
+    """negative.txt -> {user: [item, ...]}; every line must hold n negatives (default: negatives_per_user)."""
     path = Path(path)
+    n = n or negatives_per_user(sequences, num_items)
     negatives = {}
     for lineno, ids in id_lines(path):
         user, negs = ids[0], ids[1:]
@@ -127,9 +132,11 @@ def load_negatives(path, sequences, num_items, n=None):
             raise DataError(f"{path}:{lineno}: user {user} is not in sequential.txt")
         if user in negatives:
             raise DataError(f"{path}:{lineno}: user {user} appears twice")
-        n = n or len(negs)
         if len(negs) != n:
             raise DataError(f"{path}:{lineno}: user {user} has {len(negs)} negatives, expected {n}")
+        if len(set(negs)) != n:
+            repeated = next(x for x in negs if negs.count(x) > 1)
+            raise DataError(f"{path}:{lineno}: user {user} has negative {repeated} more than once")
         bad = [x for x in negs if not 1 <= x <= num_items]
         if bad:
             raise DataError(f"{path}:{lineno}: unknown item id {bad[0]} (items are 1..{num_items})")
@@ -206,7 +213,7 @@ def load_dataset(data_dir, negatives_seed=2022, log=print):
     num_items = max(id2item)
     if not neg_path.exists():
         # a small catalogue cannot give every user 99 unbought items: then all users get as many as the worst-off can
-        n = min(NUM_NEGATIVES, num_items - max(len(set(s)) for s in sequences.values()))
+        n = negatives_per_user(sequences, num_items)
         if n < 1:
             raise DataError(f"{data_dir}: some user bought every item; no negatives can be drawn")
         log(f"{neg_path} is missing: drawing {n} negatives per user with seed {negatives_seed} "

@@ -127,7 +127,9 @@ def decode_items(tokenizer, sequences, per_user):
     """Generated token ids -> per-user lists of item ids (None where the text is not a valid id)."""
     texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
     items = [parse_item(t) for t in texts]
-    return [items[i:i + per_user] for i in range(0, len(items), per_user)]
+    lists = [items[i:i + per_user] for i in range(0, len(items), per_user)]
+    # a repeat (two token paths to one id, or a beam kept alive with nothing left to choose) holds no new item
+    return [[item if item not in row[:k] else None for k, item in enumerate(row)] for row in lists]
 
 
 def item_trie(tokenizer, encoder, ds):

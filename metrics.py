@@ -39,6 +39,8 @@ def rank_by_score(scores, target_index):
     """Rank of candidate `target_index` when candidates are sorted by descending score; ties count against the
     target (pessimistic), so a model that scores everything equally gets no credit."""
     scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores[target_index]):
+        return len(scores) - 1
     return int((scores >= scores[target_index]).sum() - 1)
 
 

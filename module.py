@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from transformers import AutoTokenizer, LogitsProcessor, T5Config, T5ForConditionalGeneration, T5Tokenizer
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -167,8 +167,15 @@ def save_checkpoint(model, tokenizer, out_dir, meta, spm_model=None):
     """model.safetensors + config.json + tokenizer/; each file replaced atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # one name per tied tensor, in state-dict order: save_model's header order varies between calls, this does not
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:       # tied weights (shared embeddings, lm_head) are stored once
+            seen.add(key)
+            tensors[name] = tensor.contiguous()
     tmp = out_dir / "model.safetensors.tmp"
-    save_model(model, str(tmp))
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(out_dir / "model.safetensors")
     tokenizer.save_pretrained(out_dir / "tokenizer")
     if spm_model is not None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -76,7 +77,12 @@ if len(ratio) != len(tasks.TASKS) or min(ratio) < 0 or sum(ratio) == 0:
     raise SystemExit(f"--ratio needs {len(tasks.TASKS)} non-negative integers ({':'.join(tasks.TASKS)}), "
                      f"got {args.ratio!r}")
 out = Path(args.checkpoint)
-state_json, state_tensors = out / "train_state.json", out / "train_state.safetensors"
+# The resumable state is one directory, out/last (weights, tokenizer, optimizer, counters), replaced as a unit:
+# written to last.tmp, then last -> last.old, last.tmp -> last. A crash at any point leaves a complete state.
+last, last_tmp, last_old = out / "last", out / "last.tmp", out / "last.old"
+if is_main and not last.exists() and last_old.exists():
+    last_old.rename(last)                          # the crash fell between the two renames
+state_json, state_tensors = last / "train_state.json", last / "train_state.safetensors"
 resuming = state_json.exists()
 
 
@@ -122,9 +128,9 @@ sample_opts = {"negative_num": args.negative_num, "explanation_target": args.exp
 backbone = resolve_backbone(args.backbone, args.model_version)
 spm_model = None
 if resuming:
-    model, tokenizer, meta = load_checkpoint(out / "last", device)
+    model, tokenizer, meta = load_checkpoint(last, device)
     model.train()
-    spm_path = out / "last" / "tokenizer" / "spm.model"
+    spm_path = last / "tokenizer" / "spm.model"
     spm_model = spm_path.read_bytes() if spm_path.exists() else None
 elif backbone in SIZES:
     tok_dir = out / "tokenizer_build"
@@ -210,16 +216,19 @@ def save_state(epoch, step, rng, best, endured, history):
         dist.all_gather_object(rng_states, [version, list(internal), gauss])
     if not is_main:
         return
-    save_checkpoint(model, tokenizer, out / "last", meta, spm_model)
+    shutil.rmtree(last_tmp, ignore_errors=True)
+    save_checkpoint(model, tokenizer, last_tmp, meta, spm_model)
     tensors = {"torch_rng": torch.get_rng_state()}
     for i, s in optimizer.state_dict()["state"].items():
         for k, v in s.items():
             tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous()
-    tmp = out / "train_state.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(state_tensors)
-    atomic_write_json(state_json, {"epoch": epoch, "step": step, "rng": rng_states, "best": best,
-                                   "endured": endured, "history": history, "item_map": item_map})
+    save_file(tensors, str(last_tmp / state_tensors.name))
+    atomic_write_json(last_tmp / state_json.name, {"epoch": epoch, "step": step, "rng": rng_states, "best": best,
+                                                   "endured": endured, "history": history, "item_map": item_map})
+    if last.exists():
+        last.rename(last_old)
+    last_tmp.rename(last)
+    shutil.rmtree(last_old, ignore_errors=True)
 
 
 def load_state():

@@ -1,0 +1,351 @@
+"""module.py / tasks.py: tokenizer, word cache, whole-word ids, item trie + TrieConstraint inside generate,
+checkpoint round trip, candidate scoring, a pretrained backbone from a local folder."""
+import json
+import random
+
+import pytest
+import torch
+from transformers import LogitsProcessorList, T5ForConditionalGeneration
+
+import tasks
+from evaluation import decode_items, recommend_next
+from module import (SIZES, HDRec, ItemTrie, TrieConstraint, load_checkpoint, load_pretrained, parse_item,
+                    resolve_backbone, save_checkpoint, t5_config_for, tokenizer_from_spm)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two OpenMP threads on this shared, overloaded 2-core machine make these tests ~5x slower; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sequential_batch(ds, encoder, users):
+    rng = random.Random(0)
+    samples = [tasks.sequential_sample(ds, u, rng, "test") for u in users]
+    return tasks.collate(tasks.encode_samples(encoder, samples), tasks.TASKS.index("sequential"))
+
+
+def filled_templates(ds, users):
+    """Every template of every task, filled for a few real users (train history, shuffled candidates, an item)."""
+    for u in users:
+        seq = ds.sequences[u]
+        for task, templates in tasks.TEMPLATES.items():
+            for t in templates:
+                yield tasks.fill(t, user=u, item=seq[-1], history=seq[-22:-2], candidates=[seq[-1]] + ds.negatives[u])
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+def test_trained_tokenizer(tokenizer, trained_tokenizer, small_ds):
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    assert 100 < len(tokenizer) <= 8000
+    words = next(filled_templates(small_ds, small_ds.users[:1]))
+    ids = tokenizer(" ".join(words))["input_ids"]
+    assert ids[-1] == 1 and 2 not in ids                          # eos at the end, no unknown pieces
+    for word in ("item_1", "item_12101", "user_22363", "item_7"):
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == word
+        assert parse_item(tokenizer.decode(ids + [1], skip_special_tokens=True)) == (
+            int(word[5:]) if word.startswith("item_") else None)
+    # the SentencePiece model kept in the checkpoint rebuilds the same tokenizer
+    again = tokenizer_from_spm(trained_tokenizer[1])
+    assert again(" ".join(words))["input_ids"] == tokenizer(" ".join(words))["input_ids"]
+
+
+def test_word_cache_equals_tokenizing_the_whole_sentence(tokenizer, small_ds):
+    """tasks.WordEncoder builds inputs from per-word token ids; they must equal tokenizing the sentence (+ eos)."""
+    fresh = tasks.WordEncoder(tokenizer)          # an empty cache: words are added on first use
+    n = 0
+    for words in filled_templates(small_ds, small_ds.users[:4] + small_ds.users[-2:]):
+        ids, wwids = fresh.words(words)
+        assert ids == tokenizer(" ".join(words))["input_ids"], " ".join(words)
+        assert ids[-1] == tokenizer.eos_token_id and len(wwids) == len(ids)
+        n += 1
+    assert n == 6 * sum(len(t) for t in tasks.TEMPLATES.values())
+    for text in ("item_1234", "the user likes it , a lot ?"):
+        assert fresh.target(text) == tokenizer(text)["input_ids"]
+    assert fresh.target("a b c d e f", max_len=2) == tokenizer("a b c d e f", add_special_tokens=False)["input_ids"][:2] + [1]
+
+
+def test_whole_word_ids(tokenizer, encoder, small_ds):
+    words = ["user_12", "has", "purchased", "item_1234", "item_5", ","]
+    ids, wwids = encoder.words(words)
+    pieces = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    assert max(len(p) for p in pieces) >= 2                        # some word spans several tokens
+    expected = [n for n, p in enumerate(pieces, 1) for _ in p] + [0]  # word n -> n on all its tokens, eos -> 0
+    assert wwids == expected
+    # every token of one item_N shares one id, and ids increase by one per word
+    start = sum(len(p) for p in pieces[:3])
+    assert set(wwids[start:start + len(pieces[3])]) == {4}
+    assert all(b - a in (0, 1) for a, b in zip(wwids[:-2], wwids[1:-1]))
+    # padding: a shorter sample in the batch is padded with token 0, whole-word 0 and attention 0
+    u1, u2 = small_ds.users[:2]
+    batch = tasks.collate([(*encoder.words(words), [5, 1]), (*encoder.words(words[:2]), [1])], 1)
+    short = len(encoder.words(words[:2])[0])
+    assert batch["input_ids"].shape == (2, len(ids))
+    assert batch["whole_word_ids"][1, short - 1] == 0 and batch["whole_word_ids"][1, short:].eq(0).all()
+    assert batch["input_ids"][1, short:].eq(0).all() and batch["attention_mask"][1, short:].eq(0).all()
+    assert batch["attention_mask"][0].eq(1).all()
+    assert batch["labels"].tolist() == [[5, 1], [1, -100]]
+    assert batch["task"].tolist() == [1, 1]
+
+
+def test_parse_item():
+    assert parse_item("item_12") == 12
+    assert parse_item("  item_12101 ") == 12101
+    for text in ("item_", "item_12 item_3", "user_12", "item_1a", "item 12", "", "item_-3"):
+        assert parse_item(text) is None, text
+
+
+# ---------------------------------------------------------------------------------------------------- trie
+
+EOS = 1
+PATHS = {12: (5, 7, EOS), 123: (5, 7, 9, EOS), 4: (5, 8, EOS), 30: (6, EOS)}   # item 12's path is a prefix of 123's
+
+
+def test_item_trie_allowed():
+    trie = ItemTrie(PATHS)
+    assert sorted(trie.allowed(())) == [5, 6]
+    assert sorted(trie.allowed((5,))) == [7, 8]
+    assert sorted(trie.allowed((5, 7))) == [EOS, 9]                 # end item 12 here, or go on to 123
+    assert trie.allowed((5, 7, 9)) == [EOS]
+    assert trie.allowed((5, 7, EOS)) == [] and trie.allowed((3,)) == []
+    assert trie.count[()] == 4 and trie.count[(5, 7)] == 2
+
+
+@pytest.mark.parametrize("banned, expected", [
+    ([12], {(): [5, 6], (5,): [7, 8], (5, 7): [9], (5, 7, 9): [EOS]}),           # the prefix item only
+    ([123], {(): [5, 6], (5,): [7, 8], (5, 7): [EOS], (5, 7, 9): []}),          # the longer item only
+    ([12, 123], {(): [5, 6], (5,): [8], (5, 7): []}),                           # both: the branch closes
+    ([12, 123, 4], {(): [6], (5,): []}),
+    ([12, 123, 4, 30], {(): []}),
+    ([12, 12, 999], {(5,): [7, 8], (5, 7): [9]}),                               # repeats and unknown ids
+    ([], {(): [5, 6], (5, 7): [EOS, 9]}),
+])
+def test_item_trie_allowed_with_banned_items(banned, expected):
+    trie = ItemTrie(PATHS)
+    closed = trie.banned_children(banned)
+    for prefix, allowed in expected.items():
+        assert sorted(trie.allowed(prefix, closed)) == allowed, prefix
+
+
+def test_real_trie_has_prefix_items(item_trie, tokenizer, small_ds):
+    """With the trained tokenizer item_12 is a strict prefix of item_1211 etc.; banning item_12 keeps those open."""
+    paths = item_trie.paths
+    assert len(paths) == small_ds.num_items and len(set(paths.values())) == small_ds.num_items
+    assert all(p[-1] == tokenizer.eos_token_id for p in paths.values())
+    stems = {p[:-1]: i for i, p in paths.items()}
+    longer = [i for i, p in paths.items() if any(p[:k] in stems and stems[p[:k]] != i for k in range(1, len(p) - 1))]
+    assert longer, "expected item ids whose token path extends another item's"
+    item = longer[0]
+    p = paths[item]
+    k = next(k for k in range(1, len(p) - 1) if p[:k] in stems)
+    short = stems[p[:k]]
+    closed = item_trie.banned_children([short])
+    assert tokenizer.eos_token_id not in item_trie.allowed(p[:k], closed)
+    assert p[k] in item_trie.allowed(p[:k], closed)
+    closed = item_trie.banned_children([item])
+    assert tokenizer.eos_token_id in item_trie.allowed(p[:k], closed)
+
+
+# ---------------------------------------------------------------------------------------------------- constrained generate
+
+def generate_lists(model, tokenizer, batch, trie, banned, num_beams=20, top_k=10):
+    max_len = max(len(p) for p in trie.paths.values())
+    constraint = TrieConstraint(trie, banned, num_beams, tokenizer.eos_token_id)
+    out = model.generate(batch, num_beams=num_beams, num_return_sequences=top_k, max_new_tokens=max_len,
+                         logits_processor=LogitsProcessorList([constraint]))
+    return out, decode_items(tokenizer, out, top_k)
+
+
+def test_trie_constraint_in_generate(tiny_model, tokenizer, encoder, item_trie, small_ds):
+    users = small_ds.users[:3]
+    batch = sequential_batch(small_ds, encoder, users)
+    banned = [item_trie.banned_children(small_ds.sequences[u][:-1]) for u in users]
+    out, lists = generate_lists(tiny_model, tokenizer, batch, item_trie, banned)
+    assert out.shape[0] == 3 * 10
+    for u, items in zip(users, lists):
+        assert len(items) == 10
+        assert all(i is not None and 1 <= i <= small_ds.num_items for i in items), items
+        assert len(set(items)) == 10
+        assert not set(items) & set(small_ds.sequences[u][:-1])
+
+    # the same search without the constraint gives lists that are not all valid, distinct, unbought items
+    free = tiny_model.generate(batch, num_beams=20, num_return_sequences=10,
+                               max_new_tokens=max(len(p) for p in item_trie.paths.values()))
+    free_lists = decode_items(tokenizer, free, 10)
+    assert any(None in items or len(set(items)) < 10 for items in free_lists)
+
+    # banning what the model ranks first for user 0 (as if bought) removes it and keeps the list full
+    first = lists[0][0]
+    again = [item_trie.banned_children(small_ds.sequences[users[0]][:-1] + [first])] + banned[1:]
+    _, lists2 = generate_lists(tiny_model, tokenizer, batch, item_trie, again)
+    assert first not in lists2[0] and len(set(lists2[0])) == 10 and None not in lists2[0]
+    assert lists2[1:] == lists[1:]                                      # rows of other users are untouched
+
+    # evaluation.recommend_next (what seq.py runs) gives the same lists
+    assert recommend_next(tiny_model, tokenizer, encoder, small_ds, users, "clean", seed=0, progress=False) == lists
+
+
+def test_trie_constraint_with_fewer_items_left_than_requested(tiny_model, tokenizer, encoder, small_ds):
+    """A trie of 12 items where the user bought 10: exactly the 2 others come back, the rest are misses."""
+    items = list(range(1, 13))
+    trie = ItemTrie({i: encoder.target(tasks.item_word(i)) for i in items})
+    user = small_ds.users[0]
+    batch = sequential_batch(small_ds, encoder, [user])
+    banned = [trie.banned_children(items[:10])]
+    _, lists = generate_lists(tiny_model, tokenizer, batch, trie, banned, num_beams=4, top_k=4)
+    valid = [i for i in lists[0] if i is not None]
+    assert sorted(valid) == [11, 12]
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_round_trip_is_bitwise(tiny_model, tokenizer, trained_tokenizer, encoder, item_trie, small_ds,
+                                          tmp_path):
+    meta = {"task_num": 4, "prompt_num": 3, "item_map": None, "backbone": "tiny", "note": "round trip"}
+    save_checkpoint(tiny_model, tokenizer, tmp_path, meta, trained_tokenizer[1])
+    for name in ("model.safetensors", "config.json", "tokenizer/spm.model"):
+        assert (tmp_path / name).exists(), name
+    assert not list(tmp_path.glob("*.tmp"))
+    assert json.loads((tmp_path / "config.json").read_text())["hdrec"] == meta
+    model, tok, meta2 = load_checkpoint(tmp_path)
+    assert meta2 == meta and not model.training
+
+    a, b = tiny_model.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert model.whole_word.weight.abs().sum() > 0                        # the non-zero marking came back
+    assert model.t5.lm_head.weight.data_ptr() == model.t5.shared.weight.data_ptr()   # still tied
+
+    users = small_ds.users[:4]
+    words = [w for w, _ in (tasks.sequential_sample(small_ds, u, random.Random(0), "test") for u in users)]
+    assert [tok(" ".join(w))["input_ids"] for w in words] == [tokenizer(" ".join(w))["input_ids"] for w in words]
+    reloaded_encoder = tasks.WordEncoder(tok)
+    batch = sequential_batch(small_ds, encoder, users)
+    assert torch.equal(sequential_batch(small_ds, reloaded_encoder, users)["input_ids"], batch["input_ids"])
+
+    banned = [item_trie.banned_children(small_ds.sequences[u][:-1]) for u in users]
+    out1, lists1 = generate_lists(tiny_model, tokenizer, batch, item_trie, banned)
+    out2, lists2 = generate_lists(model, tok, batch, item_trie, banned)
+    assert torch.equal(out1, out2) and lists1 == lists2
+    free1 = tiny_model.generate(batch, num_beams=5, num_return_sequences=5, output_scores=True,
+                                return_dict_in_generate=True)
+    free2 = model.generate(batch, num_beams=5, num_return_sequences=5, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(free1.sequences, free2.sequences) and torch.equal(free1.sequences_scores, free2.sequences_scores)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(batch), model(batch))
+
+
+def test_checkpoint_file_bytes_are_reproducible(tiny_model, tokenizer, tmp_path):
+    saved = set()
+    for n in range(6):
+        save_checkpoint(tiny_model, tokenizer, tmp_path / str(n), {"task_num": 4, "prompt_num": 3})
+        saved.add((tmp_path / str(n) / "model.safetensors").read_bytes())
+    assert len(saved) == 1
+
+
+def test_load_checkpoint_without_weights_says_how_to_make_one(tmp_path):
+    with pytest.raises(SystemExit, match="no model.safetensors; train one with pretrain.py"):
+        load_checkpoint(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+def test_score_candidates_equals_a_manual_forward(tiny_model, tokenizer, encoder, small_ds):
+    users = small_ds.users[:2]
+    rng = random.Random(0)
+    candidates = [tasks.topn_candidates(small_ds, u, rng, "test") for u in users]
+    samples = [tasks.topn_sample(small_ds, u, rng, "test", c) for u, c in zip(users, candidates)]
+    batch = tasks.collate(tasks.encode_samples(encoder, samples), tasks.TASKS.index("topn"))
+    # three candidates each, of different token lengths, padded with -100
+    chosen = [[1, 12, 12101], [7, 1211, candidates[1][0]]]
+    labels = [[encoder.target(tasks.item_word(i)) for i in c] for c in chosen]
+    L = max(len(t) for c in labels for t in c)
+    assert len({len(t) for c in labels for t in c}) > 1
+    label_tensor = torch.full((2, 3, L), -100, dtype=torch.long)
+    for b, c in enumerate(labels):
+        for j, t in enumerate(c):
+            label_tensor[b, j, :len(t)] = torch.tensor(t)
+    scores = tiny_model.score_candidates(batch, label_tensor)
+    assert scores.shape == (2, 3) and (scores < 0).all()
+
+    with torch.no_grad():
+        for b in range(2):
+            one = {k: v[b:b + 1] for k, v in batch.items()}
+            n_real = int(one["attention_mask"].sum())
+            one = {k: (v[:, :n_real] if v.dim() == 2 else v) for k, v in one.items()}     # drop the padding
+            embeds, mask = tiny_model.encoder_inputs(one["input_ids"], one["whole_word_ids"], one["attention_mask"],
+                                                     one["task"])
+            for j, target in enumerate(labels[b]):
+                decoder_in = torch.tensor([[tokenizer.pad_token_id] + target[:-1]])        # T5 starts from pad
+                logits = tiny_model.t5(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_in).logits
+                logp = torch.log_softmax(logits[0].double(), dim=-1)
+                manual = sum(logp[t, tok].item() for t, tok in enumerate(target))
+                assert scores[b, j].item() == pytest.approx(manual, abs=1e-4)
+                # and the training loss of that single target is the same quantity, averaged per token
+                loss = tiny_model({**one, "labels": torch.tensor([target])})
+                assert -loss.item() * len(target) == pytest.approx(manual, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- backbones
+
+def test_sizes_and_backbone_names(tokenizer):
+    config = t5_config_for("tiny", tokenizer)
+    assert (config.d_model, config.num_layers, config.num_decoder_layers, config.vocab_size) == (64, 2, 2, len(tokenizer))
+    assert config.decoder_start_token_id == tokenizer.pad_token_id == 0 and config.eos_token_id == 1
+    assert set(SIZES) >= {"tiny", "mini", "small"}
+    assert t5_config_for("small", tokenizer).d_model == 512 and t5_config_for("small", tokenizer).num_layers == 6
+    with pytest.raises(ValueError, match="unknown model size"):
+        t5_config_for("huge", tokenizer)
+    assert resolve_backbone("tiny") == "tiny"
+    assert resolve_backbone(None, 0) == "t5-small" and resolve_backbone(None, 4) == "t5-11b"
+    assert resolve_backbone("/some/folder", 3) == "/some/folder"
+    with pytest.raises(ValueError):
+        resolve_backbone(None, 5)
+
+
+def test_prompts_are_prepended_per_task(tiny_model, encoder, small_ds):
+    batch = sequential_batch(small_ds, encoder, small_ds.users[:2])
+    embeds, mask = tiny_model.encoder_inputs(batch["input_ids"], batch["whole_word_ids"], batch["attention_mask"],
+                                             batch["task"])
+    P, L = tiny_model.prompt_num, batch["input_ids"].shape[1]
+    assert embeds.shape == (2, P + L, 64) and mask.shape == (2, P + L)
+    assert torch.equal(embeds[0, :P], tiny_model.prompts[1]) and mask[:, :P].eq(1).all()
+    assert torch.equal(embeds[:, P:], tiny_model.t5.shared(batch["input_ids"]) +
+                       tiny_model.whole_word(batch["whole_word_ids"]))
+    # another task's prompts (or other whole-word ids) change the encoder output
+    other = {**batch, "task": torch.zeros_like(batch["task"])}
+    with torch.no_grad():
+        h1 = tiny_model.encode(batch)[0].last_hidden_state
+        assert not torch.allclose(h1, tiny_model.encode(other)[0].last_hidden_state)
+        shifted = {**batch, "whole_word_ids": torch.where(batch["whole_word_ids"] > 0, batch["whole_word_ids"] + 1, 0)}
+        assert not torch.allclose(h1, tiny_model.encode(shifted)[0].last_hidden_state)
+
+
+def test_pretrained_backbone_from_a_local_folder(tokenizer, encoder, small_ds, tmp_path):
+    torch.manual_seed(3)
+    t5 = T5ForConditionalGeneration(t5_config_for("tiny", tokenizer)).eval()
+    folder = tmp_path / "my-t5"
+    t5.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    loaded, tok = load_pretrained(str(folder))
+    loaded.eval()
+    a, b = t5.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sentence = " ".join(next(filled_templates(small_ds, small_ds.users[:1])))
+    assert tok(sentence)["input_ids"] == tokenizer(sentence)["input_ids"]
+    # it drives an HDRec like a from-scratch backbone
+    model = HDRec(loaded, task_num=4, prompt_num=3).eval()
+    batch = sequential_batch(small_ds, tasks.WordEncoder(tok), small_ds.users[:2])
+    with torch.no_grad():
+        loss = model(batch)
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_pretrained_backbone_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        load_pretrained(str(tmp_path / "no-such-model"))
+    assert "no-such-model" in str(e.value) and "--backbone" in str(e.value)

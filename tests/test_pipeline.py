@@ -1,0 +1,240 @@
+"""End to end on slices of the real beauty split with the `tiny` model: pretrain.py -> seq.py -> topn.py -> results
+JSON; leak-free item ids; bitwise reproducibility; resume after an interrupted run. Every script runs as a
+subprocess (sys.executable), offline, with one CPU thread."""
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dataset import load_dataset, random_item_permutation, renumber_items
+from evaluation import eval_users, popularity, reference_sequential, topn_reference_scores
+from metrics import rank_by_score, ranking_metrics
+from module import load_checkpoint
+from utils import file_sha256
+
+from conftest import ROOT, make_slice, quiet
+
+pytestmark = pytest.mark.slow
+
+METRICS = ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"]
+TRAIN = ["--backbone", "tiny", "--ratio", "0:1:0:1", "--batch_size", "32", "--val_users", "50", "--seed", "1"]
+
+
+def run(python, env, script, *args, timeout=300):
+    proc = subprocess.run([python, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def tensors(path):
+    return load_file(str(path))
+
+
+def assert_same_tensors(a, b):
+    a, b = tensors(a), tensors(b)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def without_time(history):
+    return [{k: v for k, v in h.items() if k != "minutes"} for h in history]
+
+
+def check_metrics(row):
+    assert list(row) == METRICS
+    assert all(0.0 <= v <= 1.0 for v in row.values())
+    assert row["HR@1"] <= row["HR@5"] <= row["HR@10"] and row["NDCG@5"] <= row["NDCG@10"] <= row["HR@10"]
+
+
+def check_results(path, task, protocol, users, all_users, item_ids, data_dir):
+    res = json.loads(path.read_text())
+    assert res["task"] == task and res["protocol"] == protocol
+    assert res["users"] == users and res["all_users"] == all_users and res["item_ids"] == item_ids
+    assert res["config"]["protocol"] == protocol and res["config"]["data_dir"] == str(data_dir)
+    assert res["train_config"]["ratio"] == "0:1:0:1" and res["backbone"] == "tiny"
+    assert res["data_hashes"] == {n: file_sha256(data_dir / n) for n in ("sequential.txt", "datamaps.json",
+                                                                         "negative.txt")}
+    assert {"python", "torch", "transformers", "numpy"} <= set(res["versions"])
+    assert res["seconds"] > 0 and res["results"]["users_per_second"] > 0
+    check_metrics(res["results"][f"HDRec ({protocol})"])
+    for rule in ("most_popular", "max_history_plus_1"):
+        check_metrics(res["results"][rule])
+    return res
+
+
+def reference_topn(ds, users):
+    pop = popularity(ds)
+    ranks = {}
+    for u in users:
+        for rule, s in topn_reference_scores(ds, u, [ds.test_item(u)] + ds.negatives[u], pop).items():
+            ranks.setdefault(rule, []).append(rank_by_score(s, 0))
+    return {rule: ranking_metrics(r) for rule, r in ranks.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- published ids, 300 users
+
+@pytest.fixture(scope="module")
+def published(small_data_dir, tmp_path_factory, python, script_env):
+    ckpt = tmp_path_factory.mktemp("run") / "beauty"
+    log = run(python, script_env, "pretrain.py", "--data_dir", small_data_dir, "--checkpoint", ckpt, "--epochs", 1,
+              *TRAIN)
+    return ckpt, log
+
+
+def test_pretrain_writes_a_checkpoint(published, small_data_dir, small_ds):
+    ckpt, log = published
+    assert "resuming" not in log and "training a SentencePiece tokenizer" in log
+    for name in ("model.safetensors", "config.json", "tokenizer", "tokenizer/spm.model", "train_log.json",
+                 "curve.png", "last/train_state.json", "last/train_state.safetensors", "last/model.safetensors"):
+        assert (ckpt / name).exists(), name
+    assert not list(ckpt.rglob("*.tmp")) and not list(ckpt.rglob("*.tmp.png"))
+    assert (ckpt / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    history = json.loads((ckpt / "train_log.json").read_text())
+    assert [(h["epoch"], h["step"]) for h in history] == [(1, 20)]     # ceil(300/32) sequential + topn batches
+    assert history[0]["samples"] == 600 and set(history[0]["val"]) == {"sequential", "topn"}
+    state = json.loads((ckpt / "last" / "train_state.json").read_text())
+    assert (state["epoch"], state["step"], state["item_map"]) == (2, 0, None)
+
+    meta = json.loads((ckpt / "config.json").read_text())["hdrec"]
+    assert meta["item_ids"] == "published" and meta["item_map"] is None and meta["backbone"] == "tiny"
+    assert meta["ratio"] == [0, 1, 0, 1] and meta["seed"] == 1
+    assert meta["data_hashes"] == small_ds.hashes
+    assert meta["best"]["val_mean"] == pytest.approx(history[0]["val_mean"])
+    model, tokenizer, meta2 = load_checkpoint(ckpt)
+    assert meta2 == meta and tokenizer.eos_token_id == 1
+
+
+@pytest.mark.parametrize("protocol", ["clean", "paper"])
+def test_seq(published, small_data_dir, small_ds, python, script_env, protocol):
+    ckpt, _ = published
+    log = run(python, script_env, "seq.py", "--data_dir", small_data_dir, "--checkpoint", ckpt, "--users", 40,
+              "--protocol", protocol)
+    assert "HR@10" in log and "warning" not in log
+    path = ckpt / ("results_seq.json" if protocol == "clean" else "results_seq_paper.json")
+    res = check_results(path, "seq", protocol, 40, 300, "published", small_data_dir)
+    quality = res["results"]["list_quality"]
+    assert set(quality) == {"lists_with_invalid_id", "lists_with_duplicate", "lists_with_bought_item"}
+    assert all(0 <= v <= 40 for v in quality.values())
+    if protocol == "clean":
+        assert quality == {"lists_with_invalid_id": 0, "lists_with_duplicate": 0, "lists_with_bought_item": 0}
+    # the reference rules are computed on the same users and ids
+    users = eval_users(small_ds, 40, 1)
+    expected = reference_sequential(small_ds, users)
+    for rule in expected:
+        assert res["results"][rule] == pytest.approx(expected[rule])
+
+
+@pytest.mark.parametrize("protocol", ["clean", "paper"])
+def test_topn(published, small_data_dir, small_ds, python, script_env, protocol):
+    ckpt, _ = published
+    run(python, script_env, "topn.py", "--data_dir", small_data_dir, "--checkpoint", ckpt, "--users", 40,
+        "--protocol", protocol)
+    path = ckpt / ("results_topn.json" if protocol == "clean" else "results_topn_paper.json")
+    res = check_results(path, "topn", protocol, 40, 300, "published", small_data_dir)
+    expected = reference_topn(small_ds, eval_users(small_ds, 40, 1))
+    for rule in expected:
+        assert res["results"][rule] == pytest.approx(expected[rule])
+
+
+# ---------------------------------------------------------------------------------------------------- random ids, resume, reproducibility
+
+@pytest.fixture(scope="module")
+def data64(tmp_path_factory):
+    """64 users (seed 1): max(history)+1 hits 6 of them under the published ids, none under random ids."""
+    d = make_slice(tmp_path_factory.mktemp("beauty64"), 64, seed=1)
+    load_dataset(d, log=quiet)
+    return d
+
+
+def train_random(python, env, data_dir, ckpt, *extra):
+    return run(python, env, "pretrain.py", "--data_dir", data_dir, "--checkpoint", ckpt, "--epochs", 2,
+               "--item_ids", "random", *TRAIN, *extra)
+
+
+@pytest.fixture(scope="module")
+def random_run(data64, tmp_path_factory, python, script_env):
+    ckpt = tmp_path_factory.mktemp("random") / "a"
+    return ckpt, train_random(python, script_env, data64, ckpt)
+
+
+def test_random_item_ids_are_saved_and_applied(random_run, data64, python, script_env):
+    ckpt, _ = random_run
+    ds = load_dataset(data64, log=quiet)
+    item_map = json.loads((ckpt / "config.json").read_text())["hdrec"]["item_map"]
+    assert item_map == random_item_permutation(ds.num_items, 1)            # seeded by --seed
+    assert item_map[0] == 0 and sorted(item_map[1:]) == list(range(1, ds.num_items + 1))
+    assert json.loads((ckpt / "last" / "train_state.json").read_text())["item_map"] == item_map
+    history = json.loads((ckpt / "train_log.json").read_text())
+    assert [(h["epoch"], h["step"]) for h in history] == [(1, 4), (2, 4)]
+
+    run(python, script_env, "seq.py", "--data_dir", data64, "--checkpoint", ckpt, "--batch_size", 64)
+    res = check_results(ckpt / "results_seq.json", "seq", "clean", 64, 64, "random", data64)
+    assert res["results"]["list_quality"] == {"lists_with_invalid_id": 0, "lists_with_duplicate": 0,
+                                              "lists_with_bought_item": 0}
+    users = eval_users(ds, 0, 1)
+    leak_free = reference_sequential(renumber_items(ds, item_map), users)
+    published = reference_sequential(ds, users)
+    assert published["max_history_plus_1"]["HR@10"] > leak_free["max_history_plus_1"]["HR@10"]
+    assert res["results"]["max_history_plus_1"] == pytest.approx(leak_free["max_history_plus_1"])
+    assert res["results"]["max_history_plus_1"] != pytest.approx(published["max_history_plus_1"])
+    assert res["results"]["most_popular"] == pytest.approx(leak_free["most_popular"])
+
+
+def test_two_identical_runs_give_identical_weights(random_run, data64, tmp_path, python, script_env):
+    ckpt, _ = random_run
+    other = tmp_path / "b"
+    train_random(python, script_env, data64, other)
+    assert_same_tensors(ckpt / "model.safetensors", other / "model.safetensors")
+    assert_same_tensors(ckpt / "last" / "model.safetensors", other / "last" / "model.safetensors")
+    assert_same_tensors(ckpt / "last" / "train_state.safetensors", other / "last" / "train_state.safetensors")
+    assert without_time(json.loads((ckpt / "train_log.json").read_text())) == \
+        without_time(json.loads((other / "train_log.json").read_text()))
+    assert (ckpt / "tokenizer" / "spm.model").read_bytes() == (other / "tokenizer" / "spm.model").read_bytes()
+
+
+def test_resume_continues_where_it_stopped(random_run, data64, tmp_path, python, script_env):
+    """Interrupted after its first step, then rerun: the run ends with the same weights as an uninterrupted one."""
+    ckpt, _ = random_run
+    resumed = tmp_path / "c"
+    log = train_random(python, script_env, data64, resumed, "--max_minutes", "0.0001")
+    assert "time budget" in log
+    state = json.loads((resumed / "last" / "train_state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 1)
+    assert not (resumed / "results_seq.json").exists()
+
+    log = train_random(python, script_env, data64, resumed)
+    assert f"resuming from {resumed} at epoch 1 step 1" in log
+    assert "training a SentencePiece tokenizer" not in log                  # the checkpoint's tokenizer is reused
+    history = json.loads((resumed / "train_log.json").read_text())
+    assert [(h["epoch"], h["step"]) for h in history] == [(1, 1), (1, 4), (2, 4)]
+    reference = json.loads((ckpt / "train_log.json").read_text())
+    assert [h["val"] for h in history[1:]] == [h["val"] for h in reference]
+    assert [h["samples"] for h in history[1:]] == [h["samples"] for h in reference]
+    state = json.loads((resumed / "last" / "train_state.json").read_text())
+    assert (state["epoch"], state["step"]) == (3, 0)
+    assert state["item_map"] == json.loads((ckpt / "last" / "train_state.json").read_text())["item_map"]
+    assert_same_tensors(ckpt / "last" / "model.safetensors", resumed / "last" / "model.safetensors")
+    assert_same_tensors(ckpt / "last" / "train_state.safetensors", resumed / "last" / "train_state.safetensors")
+
+
+def test_resume_after_a_crash_between_state_files(random_run, data64, tmp_path, python, script_env):
+    ckpt, _ = random_run
+    crashed = tmp_path / "d"
+    train_random(python, script_env, data64, crashed, "--max_minutes", "0.0001")          # state at step 1
+    step1 = crashed / "step1"
+    shutil.copytree(crashed / "last", step1)
+    train_random(python, script_env, data64, crashed, "--max_minutes", "0.0001")          # state at step 2
+    assert json.loads((crashed / "last" / "train_state.json").read_text())["step"] == 2
+    # a kill in the middle of saving step 3: last.tmp half written (here: an older state), and the rename of
+    # last -> last.old done but not last.tmp -> last. The complete step-2 state must win.
+    (crashed / "last").rename(crashed / "last.old")
+    step1.rename(crashed / "last.tmp")
+    (crashed / "last.tmp" / "train_state.json").unlink()
+    train_random(python, script_env, data64, crashed)
+    assert_same_tensors(ckpt / "last" / "model.safetensors", crashed / "last" / "model.safetensors")
