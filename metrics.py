@@ -5,6 +5,7 @@ HR@k = 1 if rank < k.  NDCG@k = 1 / log2(rank + 2) if rank < k (the ideal DCG is
 Recall@k equals HR@k here. Averages are over all evaluated users, misses included.
 """
 import math
+import re
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def text_metrics(references, hypotheses):
 
 def features_in(text, feature_vocab, max_words=3):
     """The features (lowercased word n-grams from feature_vocab) that occur in a text."""
-    words = text.lower().split()
+    words = re.findall(r"[a-z0-9]+(?:['-][a-z0-9]+)*", text.lower())   # punctuation does not hide a feature
     return {" ".join(words[i:i + n]) for n in range(1, max_words + 1) for i in range(len(words) - n + 1)} & feature_vocab
 
 

@@ -242,10 +242,9 @@ def tokenizer_corpus(ds, seed=1, max_users=None):
             words, target = SAMPLERS[task](ds, u, rng, "val")
             yield " ".join(words)
             yield target
-    for by_user in (ds.records or {}).values():     # review text: every record's text fields
-        for recs in by_user.values():
-            for r in recs:
-                yield from (v for k, v in r.items() if isinstance(v, str) and k not in ("feature",))
+    for recs in (ds.records or {}).get("train", {}).values():    # review text of training records only
+        for r in recs:
+            yield from (v for v in r.values() if isinstance(v, str))
     for tmpl in (t for ts in TEMPLATES.values() for t in ts):
         yield " ".join(fill(tmpl, user=1, item=1, history=[1], candidates=[1]))
     items = np.arange(1, ds.num_items + 1)

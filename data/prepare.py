@@ -8,10 +8,14 @@ Keys used: reviewerID, asin, unixReviewTime, reviewText, summary (may be absent)
 
 What it does, in two streaming passes over the file (memory grows with users, items and kept reviews, not lines):
 1. scan: parse and check every line, keep (user, item) -> (time, line) for the earliest review of each pair.
-   A user reviewing the same item twice (2018 dumps repeat a review under every variant of a product) counts once;
-   the earliest review (time, then line) is the one kept. Bad lines (not JSON, no reviewerID/asin, no reviewText,
-   an empty reviewText, no unixReviewTime) are counted with their line numbers; unless --skip_bad, the run stops
-   with a report of them. Whitespace-only lines are ignored.
+   Variant copies: the 2018 dumps copy one review onto every variant of a product (same reviewerID, unixReviewTime
+   and reviewText, another asin), which teaches a sequence model "next item = a variant of the last one". Of a user's
+   reviews with the same time and the same normalized text (whitespace collapsed, case folded) only the first by file
+   line is kept (a 64-bit hash of user, time and text is stored, not the text); --keep_variant_copies turns this off.
+   A user reviewing the same item twice (a repeated line included) counts once; the earliest review (time, then line)
+   is the one kept. Bad lines (not JSON, no reviewerID/asin, no reviewText, an empty reviewText, no unixReviewTime)
+   are counted with their line numbers; unless --skip_bad, the run stops with a report of them. Whitespace-only lines
+   are ignored.
 2. k-core: drop users and items with fewer than --k interactions, repeated until nothing changes.
 3. ids: users numbered from 1 in order of their first review in the file; items numbered from 1 in order of first
    appearance when walking users in id order and each user's reviews in time order (ties: file line order). This is
@@ -61,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=["loo", "random"], default="loo",
                    help="explanation records: loo = by the sequential leave-one-out; random = seeded 8:1:1")
     p.add_argument("--skip_bad", action="store_true", help="skip (and count) bad lines instead of stopping")
+    p.add_argument("--keep_variant_copies", action="store_true",
+                   help="keep a user's reviews that repeat the same text at the same time on other items "
+                        "(by default only the first, by file line, is kept)")
     p.add_argument("--spacy_model", default=None,
                    help="spaCy pipeline name (default: en_core_web_sm, or its PyPI copy)")
     p.add_argument("--seed", type=int, default=2022, help="seed for negatives, random ids and the random split")
@@ -119,12 +126,20 @@ def parse_review(raw):
     return review, None
 
 
-def scan(path):
+def copy_key(review):
+    """64-bit hash of (user, time, normalized text): equal for a review and its copies onto other variants."""
+    text = " ".join(review["reviewText"].split()).casefold()
+    data = f"{review['reviewerID']}\0{review['unixReviewTime']}\0{text}".encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def scan(path, keep_variant_copies=False):
     """Pass 1: earliest (time, line) of each (user, item), first line of each user, bad lines, counts."""
     first = {}             # (user, item) -> (time, line)
     user_first_line = {}   # user -> line of their first valid review
+    kept_copy = {}         # copy_key -> item of the first review with that user, time and text
     bad = defaultdict(list)
-    lines = reviews = duplicates = 0
+    lines = reviews = duplicates = variant_copies = 0
     for lineno, raw in tqdm(read_lines(path), desc="scan", unit=" lines", mininterval=1):
         lines = lineno
         if not raw.strip():
@@ -135,6 +150,11 @@ def scan(path):
             continue
         reviews += 1
         user, item = sys.intern(review["reviewerID"]), sys.intern(review["asin"])
+        if not keep_variant_copies:
+            original = kept_copy.setdefault(copy_key(review), item)
+            if original != item:
+                variant_copies += 1  # the same review again, on another variant: dropped
+                continue
         key, when = (user, item), (review["unixReviewTime"], lineno)
         if key in first:
             duplicates += 1
@@ -142,7 +162,8 @@ def scan(path):
         else:
             first[key] = when
         user_first_line.setdefault(user, lineno)
-    return first, user_first_line, dict(bad), {"lines": lines, "valid_reviews": reviews, "duplicate_pairs": duplicates}
+    counts = {"lines": lines, "valid_reviews": reviews, "duplicate_pairs": duplicates, "variant_copies": variant_copies}
+    return first, user_first_line, dict(bad), counts
 
 
 def bad_report(path, bad):
@@ -256,7 +277,7 @@ def prepare(args, selector=None, log=print):
     path, out = Path(args.reviews), Path(args.out)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    first, user_first_line, bad, counts = scan(path)
+    first, user_first_line, bad, counts = scan(path, args.keep_variant_copies)
     if bad and not args.skip_bad:
         raise DataError(bad_report(path, bad) + ". Fix the file, or pass --skip_bad to skip these lines.")
     if bad:
@@ -304,6 +325,7 @@ def prepare(args, selector=None, log=print):
         | {"spacy_model": selector.model_name},
         "lines": counts["lines"],
         "valid_reviews": counts["valid_reviews"],
+        "variant_copies_dropped": counts["variant_copies"],
         "duplicate_user_item_reviews": counts["duplicate_pairs"],
         "bad_lines": {kind: {"count": len(bad[kind]), "first_lines": bad[kind][:SHOW_LINES]}
                       for kind in BAD_KINDS if kind in bad},
@@ -331,6 +353,8 @@ def main(argv=None):
     bad = summary["bad_lines"]
     print(f"{args.reviews} -> {args.out}\n"
           f"  lines {summary['lines']}, valid reviews {summary['valid_reviews']}, "
+          f"variant copies dropped {summary['variant_copies_dropped']}"
+          + (" (--keep_variant_copies)" if args.keep_variant_copies else "") + ", "
           f"repeated user-item reviews {summary['duplicate_user_item_reviews']}, "
           f"skipped bad lines {sum(b['count'] for b in bad.values())}"
           + (" (" + ", ".join(f"{k} {b['count']}" for k, b in bad.items()) + ")" if bad else "") + "\n"

@@ -1,6 +1,7 @@
 """data/prepare.py and data/features.py on small slices of the real Amazon 2018 dumps."""
 import gzip
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -14,7 +15,7 @@ from dataset import DataError, load_dataset, load_explanations
 
 ROOT = Path(__file__).resolve().parents[1]
 AMAZON = ROOT.parent / "shared" / "data" / "amazon2018"
-GIFT_CARDS = AMAZON / "Gift_Cards_5.json.gz"  # 147 items after 5-core: enough for 99 negatives
+GIFT_CARDS = AMAZON / "Gift_Cards_5.json.gz"  # 83 items after 5-core and dropping variant copies (147 with them)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,26 @@ def read_out(out):
 
 @pytest.fixture(scope="module")
 def full(selector, tmp_path_factory):
-    """The whole Gift_Cards dump (6 lines have no reviewText), default settings."""
+    """The whole Gift_Cards dump (6 lines have no reviewText), default settings (variant copies dropped)."""
     out = tmp_path_factory.mktemp("gift_cards")
     summary = run(selector, GIFT_CARDS, out, "--skip_bad")
     return out, summary
+
+
+def kept_reviews(reviews):
+    """Reference for the variant-copy rule, on the full text: of a user's reviews with the same time and the same
+    text (whitespace collapsed, case folded), the first in the file; -> (kept reviews, copies on another item)."""
+    first_item, kept, copies = {}, [], 0
+    for r in reviews:
+        if not isinstance(r.get("reviewText"), str) or not r["reviewText"].strip():
+            continue
+        key = (r["reviewerID"], r["unixReviewTime"], " ".join(r["reviewText"].split()).casefold())
+        item = first_item.setdefault(key, r["asin"])
+        if item != r["asin"]:
+            copies += 1
+            continue
+        kept.append(r)
+    return kept, copies
 
 
 # ----------------------------------------------------------------------------- k-core, ids, loading
@@ -67,8 +84,11 @@ def test_k_core_is_iterated():
 
 def test_output_loads_and_is_k_core(full):
     out, summary = full
-    ds = load_dataset(out, log=lambda *a: pytest.fail("negative.txt should have been written"))
-    assert len(ds.sequences) == summary["users"] == 451 and ds.num_items == summary["items"] == 147
+    assert summary["negatives"].startswith("not written")  # 83 items: no user has 99 unbought ones
+    logged = []
+    ds = load_dataset(out, log=logged.append)  # draws as many negatives as the smallest catalogue share allows
+    assert "negative.txt is missing" in logged[0] and "warning: only 83 items" in logged[1]
+    assert len(ds.sequences) == summary["users"] == 188 and ds.num_items == summary["items"] == 83
     item_counts = Counter(i for s in ds.sequences.values() for i in s)
     assert min(len(s) for s in ds.sequences.values()) >= 5
     assert min(item_counts.values()) >= 5 and len(item_counts) == ds.num_items
@@ -78,7 +98,7 @@ def test_output_loads_and_is_k_core(full):
     assert {v: k for k, v in maps["id2user"].items()} == maps["user2id"]
     assert {v: k for k, v in maps["id2item"].items()} == maps["item2id"]
     splits = load_explanations(out / "explanation.json", required=("user", "item", "explanation", "feature"))
-    assert sum(map(len, splits.values())) == sum(summary["records"].values()) > 1000
+    assert sum(map(len, splits.values())) == sum(summary["records"].values()) == 736
     summary_file = json.loads((out / "prepare_summary.json").read_text())
     assert summary_file["input"]["sha256"] and summary_file["interactions"] == sum(map(len, ds.sequences.values()))
 
@@ -86,7 +106,7 @@ def test_output_loads_and_is_k_core(full):
 def test_sequences_are_time_ordered_with_first_appearance_ids(full):
     out, _ = full
     maps = json.loads((out / "datamaps.json").read_text())
-    reviews = [json.loads(line) for line in real_lines()]
+    reviews, _ = kept_reviews(json.loads(line) for line in real_lines())
     time_of = {}
     for r in reviews:  # earliest review of a pair is the one kept
         key = (r["reviewerID"], r["asin"])
@@ -117,20 +137,22 @@ def slice_run(tmp_path_factory):
     zipped = tmp / "slice.json.gz"
     zipped.write_bytes(gzip.compress(plain.read_bytes()))
     literal = write(tmp / "slice_2014.txt", [repr(json.loads(line)) for line in lines])  # 2014 dict-literal style
+    # 3-core: without its variant copies the slice has no 5-core left
     cli = subprocess.run([sys.executable, "data/prepare.py", "--reviews", str(plain), "--out", str(tmp / "cli"),
-                          "--skip_bad"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--skip_bad", "--k", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert cli.returncode == 0, cli.stderr
-    assert "5-core" in cli.stdout and "explanation records" in cli.stdout
+    assert "3-core" in cli.stdout and "explanation records" in cli.stdout and "variant copies dropped 330" in cli.stdout
     return tmp / "cli", {"plain": plain, "gzip": zipped, "literal": literal}
 
 
 def test_deterministic_gzip_plain_python_literals_and_cli(selector, slice_run, tmp_path):
     out, inputs = slice_run
     assert inputs["literal"].read_text().startswith("{'")
-    run(selector, inputs["gzip"], tmp_path / "gz", "--skip_bad")
-    run(selector, inputs["literal"], tmp_path / "lit", "--skip_bad")
+    run(selector, inputs["gzip"], tmp_path / "gz", "--skip_bad", "--k", "3")
+    run(selector, inputs["literal"], tmp_path / "lit", "--skip_bad", "--k", "3")
     reference = read_out(out)
-    assert set(reference) == {"sequential.txt", "datamaps.json", "explanation.json"}  # 31 items: no negatives
+    assert set(reference) == {"sequential.txt", "datamaps.json", "explanation.json"}  # 52 items: no negatives
     assert read_out(tmp_path / "gz") == reference
     assert read_out(tmp_path / "lit") == reference
     summary = json.loads((out / "prepare_summary.json").read_text())
@@ -140,7 +162,7 @@ def test_deterministic_gzip_plain_python_literals_and_cli(selector, slice_run, t
 
 def test_random_item_ids_are_a_seeded_permutation(selector, slice_run, tmp_path):
     out, inputs = slice_run
-    run(selector, inputs["plain"], tmp_path / "r", "--skip_bad", "--item_ids", "random", "--seed", "7")
+    run(selector, inputs["plain"], tmp_path / "r", "--skip_bad", "--k", "3", "--item_ids", "random", "--seed", "7")
     a, b = json.loads((out / "datamaps.json").read_text()), json.loads((tmp_path / "r" / "datamaps.json").read_text())
     assert sorted(map(int, b["id2item"])) == sorted(map(int, a["id2item"])) == list(range(1, len(a["id2item"]) + 1))
     assert a["id2item"] != b["id2item"] and a["id2user"] == b["id2user"]
@@ -260,7 +282,7 @@ def test_loo_split_matches_sequential_leave_one_out(full):
 def test_random_split_is_8_1_1_of_the_same_records(selector, slice_run, tmp_path):
     out, inputs = slice_run
     loo = json.loads((out / "explanation.json").read_text())
-    run(selector, inputs["plain"], tmp_path / "a", "--skip_bad", "--split", "random", "--seed", "3")
+    run(selector, inputs["plain"], tmp_path / "a", "--skip_bad", "--k", "3", "--split", "random", "--seed", "3")
     a = json.loads((tmp_path / "a" / "explanation.json").read_text())
     n = sum(map(len, a.values()))
     assert len(a["train"]) == int(0.8 * n) and len(a["val"]) == int(0.1 * n)
@@ -278,3 +300,72 @@ def test_random_split_is_seeded():
     assert [len(one[k]) for k in ("train", "val", "test")] == [112, 14, 14]
     loo = split_records(records, sequences, "loo", 1)
     assert all(r["item"] == 7 for r in loo["test"]) and all(r["item"] == 6 for r in loo["val"])
+
+
+# ----------------------------------------------------------------------------- variant copies
+
+
+def review(user, item, t, text):
+    return json.dumps({"reviewerID": user, "asin": item, "unixReviewTime": t, "reviewText": text, "overall": 5.0})
+
+
+def test_variant_copies_are_dropped_first_line_wins(selector, tmp_path):
+    # four users review four items A..D (distinct texts, distinct times), plus copies of some reviews onto other
+    # variants: a copy of a review has the same user, time and text (up to whitespace and case), another item
+    lines = [review(u, i, 1000 * n + 10 * m, f"The {i} card from {u} is great, review {m}.")
+             for n, u in enumerate(["U1", "U2", "U3", "U4"]) for m, i in enumerate("ABCD")]
+    copies = [
+        review("U1", "E", 0, "The A card from U1 is great, review 0."),        # copy of U1's A review
+        review("U2", "E", 1000, "the a CARD   from U2 is great, review 0.  "),  # copy (case and spaces differ)
+        review("U3", "E", 2000, "The A card from U3 is great, review 0."),      # copy
+        review("U4", "E", 3000, "The A card from U4 is great, review 0."),      # copy
+        review("U1", "A", 0, "The A card from U1 is great, review 0."),        # same item again: a repeat, no copy
+    ]
+    not_copies = [
+        review("U1", "F", 5, "The A card from U1 is great, review 0."),        # another time
+        review("U2", "F", 2000, "The A card from U3 is great, review 0."),      # another user's time and text
+        review("U3", "F", 2000, "The A card from U3 is great, review 1."),      # another text
+    ]
+    early = review("U4", "G", 3010, "The B card from U4 is great, review 1.")  # before U4's B review in the file
+    path = write(tmp_path / "reviews.json", [early] + lines + copies + not_copies)
+
+    summary = run(selector, path, tmp_path / "out", "--k", "3")
+    assert summary["variant_copies_dropped"] == 5  # E four times, and U4's B review (its copy on G came first)
+    assert summary["duplicate_user_item_reviews"] == 1 and summary["valid_reviews"] == 25
+    assert json.loads((tmp_path / "out" / "prepare_summary.json").read_text())["variant_copies_dropped"] == 5
+    maps = json.loads((tmp_path / "out" / "datamaps.json").read_text())
+    # E had only copies; F has 3 users; G is U4's only: dropped by the 3-core, and with it B (3 users left) stays
+    assert sorted(maps["item2id"]) == ["A", "B", "C", "D", "F"]
+    seqs = {maps["id2user"][line.split()[0]]: [maps["id2item"][i] for i in line.split()[1:]]
+            for line in (tmp_path / "out" / "sequential.txt").read_text().splitlines()}
+    # time ties (U3: A and F) go by file line
+    assert seqs == {"U1": ["A", "F", "B", "C", "D"], "U2": ["A", "B", "C", "D", "F"],
+                    "U3": ["A", "F", "B", "C", "D"], "U4": ["A", "C", "D"]}
+
+    summary = run(selector, path, tmp_path / "keep", "--k", "3", "--keep_variant_copies")
+    assert summary["variant_copies_dropped"] == 0 and summary["config"]["keep_variant_copies"] is True
+    maps = json.loads((tmp_path / "keep" / "datamaps.json").read_text())
+    assert sorted(maps["item2id"]) == ["A", "B", "C", "D", "E", "F"]
+    assert summary["interactions"] == 4 * 4 + 4 + 3
+
+
+def test_gift_cards_variant_copy_counts(full, slice_run, selector, tmp_path):
+    reviews = [json.loads(line) for line in real_lines()]
+    assert kept_reviews(reviews)[1] == 830  # the reference rule on the full text agrees with the hashed one
+    out, summary = full
+    assert summary["variant_copies_dropped"] == 830 and summary["duplicate_user_item_reviews"] == 7
+    assert (summary["users"], summary["items"], summary["interactions"]) == (188, 83, 1158)
+    # no user's sequence holds the same review twice
+    maps = json.loads((out / "datamaps.json").read_text())
+    text_of = {(r["reviewerID"], r["asin"]): (r["unixReviewTime"], " ".join(r["reviewText"].split()).casefold())
+               for r in kept_reviews(reviews)[0]}
+    for line in (out / "sequential.txt").read_text().splitlines():
+        user, *items = line.split()
+        texts = [text_of[maps["id2user"][user], maps["id2item"][i]] for i in items]
+        assert len(set(texts)) == len(texts)
+
+    sliced = json.loads((slice_run[0] / "prepare_summary.json").read_text())  # first 1500 lines, 3-core
+    assert sliced["variant_copies_dropped"] == 330 == kept_reviews(reviews[:1500])[1]
+    assert (sliced["users"], sliced["items"], sliced["interactions"]) == (210, 52, 842)
+    kept = run(selector, slice_run[1]["plain"], tmp_path / "keep", "--skip_bad", "--k", "3", "--keep_variant_copies")
+    assert kept["variant_copies_dropped"] == 0 and kept["interactions"] > sliced["interactions"]
