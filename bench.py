@@ -24,6 +24,7 @@ p.add_argument("--size", default="mini", help="from-scratch size (tiny, mini, sm
 p.add_argument("--ratio", default="1:1:1:3")
 p.add_argument("--batch_size", type=int, default=64)
 p.add_argument("--steps", type=int, default=12, help="timed training steps (after 2 warm-up steps)")
+p.add_argument("--micro_batch_size", type=int, default=16, help="as pretrain.py on CPU (0: whole batches)")
 p.add_argument("--eval_users", type=int, default=256)
 p.add_argument("--eval_batch_size", type=int, default=32)
 p.add_argument("--protocol", default="clean", choices=["clean", "paper"])
@@ -44,7 +45,7 @@ def run_phase(phase, work):
     import tasks
     from dataset import load_dataset
     from evaluation import rank_topn, recommend_next
-    from module import HDRec, t5_config_for, train_tokenizer
+    from module import HDRec, backward_batch, t5_config_for, train_tokenizer
     from transformers import AutoTokenizer, T5ForConditionalGeneration
     from utils import bf16_supported, seed_everything
 
@@ -76,17 +77,16 @@ def run_phase(phase, work):
             if step == 2:
                 start = time.time()
             batch = tasks.make_batch(ds, encoder, task, users, rng)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(batch)
             optimizer.zero_grad()
-            loss.backward()
+            backward_batch(model, batch, args.micro_batch_size,
+                           torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16))
             optimizer.step()
             if step >= 2:
                 samples += len(users)
                 tokens += int(batch["attention_mask"].sum())
         seconds = time.time() - start
         out.update(samples_per_s=samples / seconds, input_tokens_per_sample=tokens / samples, steps=len(plan) - 2,
-                   batch_size=args.batch_size, ratio=args.ratio)
+                   batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, ratio=args.ratio)
     else:
         model.eval()
         users = sorted(random.Random(f"{args.seed}-bench").sample(ds.users, min(args.eval_users, len(ds.users))))

@@ -131,6 +131,36 @@ class HDRec(nn.Module):
         return (token_logp * (labels != -100)).sum(-1).view(B, C)
 
 
+def micro_batches(batch, size):
+    """Split a padded batch into micro-batches of `size` samples, each trimmed to its own longest input/target."""
+    B = batch["input_ids"].shape[0]
+    for i in range(0, B, size or B):
+        mb = {k: v[i:i + (size or B)] for k, v in batch.items()}
+        L = int(mb["attention_mask"].sum(1).max())
+        T = int((mb["labels"] != -100).sum(1).max())
+        mb.update(input_ids=mb["input_ids"][:, :L], whole_word_ids=mb["whole_word_ids"][:, :L],
+                  attention_mask=mb["attention_mask"][:, :L], labels=mb["labels"][:, :T])
+        yield mb
+
+
+def backward_batch(model, batch, micro_batch_size, autocast, no_sync=None):
+    """Gradients of the batch's mean token loss, accumulated over micro-batches so activation memory scales with the
+    micro-batch (the gradient equals the full batch's). `no_sync`: DDP's context for all but the last micro-batch.
+    Returns the batch's mean token loss."""
+    import contextlib
+    total = (batch["labels"] != -100).sum()
+    parts = list(micro_batches(batch, micro_batch_size))
+    loss_sum = 0.0
+    for k, mb in enumerate(parts):
+        sync = contextlib.nullcontext() if no_sync is None or k == len(parts) - 1 else no_sync()
+        with sync:
+            with autocast:
+                loss = model(mb) * ((mb["labels"] != -100).sum() / total)
+            loss.backward()
+        loss_sum += loss.item()
+    return loss_sum
+
+
 def t5_config_for(size, tokenizer):
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; sizes: {', '.join(SIZES)}")

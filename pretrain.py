@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import tasks
 from dataset import load_dataset, random_item_permutation, renumber_items
-from module import HDRec, load_checkpoint, load_pretrained, resolve_backbone, save_checkpoint, SIZES, \
+from module import HDRec, backward_batch, load_checkpoint, load_pretrained, resolve_backbone, save_checkpoint, SIZES, \
     t5_config_for, train_tokenizer
 from transformers import T5ForConditionalGeneration
 from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
@@ -57,6 +57,9 @@ parser.add_argument("--max_minutes", type=float, default=0, help="stop training 
 parser.add_argument("--save_minutes", type=float, default=10, help="save the resumable state this often")
 parser.add_argument("--no_bf16", action="store_true", help="train in fp32 even where bf16 autocast is available")
 parser.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+parser.add_argument("--micro_batch_size", type=int, default=-1,
+                    help="accumulate each batch's gradient over micro-batches of this size: same gradient, a fraction "
+                         "of the activation memory (-1: 16 on CPU, whole batches on GPU; 0: whole batches)")
 parser.add_argument("--log_interval", type=int, default=200)
 parser.add_argument("--seed", type=int, default=1)
 args = parser.parse_args()
@@ -166,6 +169,7 @@ encoder.add([tasks.item_word(i) for i in range(1, ds.num_items + 1)] + [tasks.us
 ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+micro_batch_size = args.micro_batch_size if args.micro_batch_size >= 0 else (16 if device.type == "cpu" else 0)
 
 # fixed validation batches: seeded users and samples, the same at every validation and across resumes
 val_rng = random.Random(f"{args.seed}-val")
@@ -289,18 +293,16 @@ for epoch in range(start_epoch, args.epochs + 1):
     for step in bar:
         task, users = plan[step]
         batch = tasks.to_device(tasks.make_batch(ds, encoder, task, users, rng, **sample_opts), device)
-        with autocast:
-            loss = ddp_model(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = backward_batch(ddp_model, batch, micro_batch_size, autocast, ddp_model.no_sync if world > 1 else None)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         samples += len(users) * world
         s = train_sums.setdefault(task, [0.0, 0])
-        s[0] += loss.item()
+        s[0] += loss
         s[1] += 1
         if step % 10 == 0:
-            bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
+            bar.set_postfix(task=task, loss=f"{loss:.3f}")
         out_of_time = agreed(args.max_minutes and (time.time() - t0) / 60 >= args.max_minutes)
         if step + 1 in val_points or out_of_time:
             val = validate()
