@@ -133,7 +133,9 @@ def decode_items(tokenizer, sequences, per_user):
 
 
 def item_trie(tokenizer, encoder, ds):
-    return ItemTrie({i: encoder.target(tasks.item_word(i)) for i in range(1, ds.num_items + 1)})
+    """The trie of every item's target tokens (its cached word pieces + eos)."""
+    encoder.add([tasks.item_word(i) for i in range(1, ds.num_items + 1)])
+    return ItemTrie({i: encoder.item_target(i) for i in range(1, ds.num_items + 1)})
 
 
 def list_quality(lists, ds, users, num_items):
@@ -188,7 +190,7 @@ def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=
                 out = model.generate(batch, num_beams=num_beams, num_return_sequences=top_k)
                 ranks += [rank_of(c[0], items) for c, items in zip(candidates, decode_items(tokenizer, out, top_k))]
             else:
-                labels = [[encoder.target(tasks.item_word(i)) for i in c] for c in candidates]
+                labels = [[encoder.item_target(i) for i in c] for c in candidates]
                 L = max(len(t) for c in labels for t in c)
                 label_tensor = torch.full((len(chunk), len(candidates[0]), L), -100, dtype=torch.long)
                 for b, c in enumerate(labels):

@@ -71,6 +71,13 @@ class WordEncoder:
         wwids.append(0)
         return ids, wwids
 
+    def item_target(self, item):
+        """The decoder target of an item id: its word's cached pieces + eos."""
+        word = item_word(item)
+        if word not in self.cache:
+            self.add([word])
+        return self.cache[word] + [self.eos]
+
     def target(self, text, max_len=None):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return (ids[:max_len] if max_len else ids) + [self.eos]
