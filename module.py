@@ -150,7 +150,7 @@ def micro_batches(batch, size):
         T = int((mb["labels"] != -100).sum(1).max())
         mb.update(input_ids=mb["input_ids"][:, :L], whole_word_ids=mb["whole_word_ids"][:, :L],
                   attention_mask=mb["attention_mask"][:, :L], labels=mb["labels"][:, :T])
-        yield mb
+        yield {k: v.contiguous() for k, v in mb.items()}   # T5's loss views the labels: they must be contiguous
 
 
 def backward_batch(model, batch, micro_batch_size, autocast, no_sync=None):
