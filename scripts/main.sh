@@ -12,10 +12,11 @@ CKPT=${CKPT:-checkpoint/$NAME}
 LIMIT=${LIMIT:-8}            # records per split the LLM distils (0: all; SmolLM2 on 2 CPU cores: ~1 record/s a stage)
 MINUTES=${MINUTES:-12}       # training time budget
 BACKBONE=${BACKBONE:-mini}   # tiny | mini | small (from scratch), or a pretrained T5 name/folder
+K=${K:-5}                    # k-core of prepare (All_Beauty_5 needs 3 once review copies across variants are dropped)
 SEED=${SEED:-1}
 PY=${PYTHON:-python3}
 
-[ -f "$DATA/sequential.txt" ] || $PY data/prepare.py --reviews "$REVIEWS" --out "$DATA" --skip_bad --seed "$SEED"
+[ -f "$DATA/sequential.txt" ] || $PY data/prepare.py --reviews "$REVIEWS" --out "$DATA" --k "$K" --skip_bad --seed "$SEED"
 limit=(); [ "$LIMIT" = 0 ] || limit=(--limit "$LIMIT")
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY data/distill.py --data_dir "$DATA" "${limit[@]}" --greedy --seed "$SEED"
 $PY pretrain.py --data_dir "$DATA" --checkpoint "$CKPT" --backbone "$BACKBONE" --item_ids random --ratio 1:1:1:3 \
