@@ -117,27 +117,36 @@ class HDRec(nn.Module):
                                 do_sample=False, **kwargs)
 
     @torch.no_grad()
-    def score_candidates(self, batch, candidate_labels):
+    def score_candidates(self, batch, candidate_labels, max_rows=400):
         """Sequence log-likelihood log p(candidate | input) for every candidate of every sample.
         candidate_labels: (B, C, L) token ids padded with -100; returns (B, C).
         The encoder and the first decoder step (which every candidate shares, cross-attention keys and values
-        included) run once per sample; only the later steps run once per candidate, from a copied cache."""
+        included) run once per sample; only the later steps run once per candidate, from a copied cache. The copies
+        are made for at most `max_rows` candidates at a time, which bounds the memory they take."""
         encoder_outputs, mask = self.encode(batch)
         B, C, L = candidate_labels.shape
+        scores = []
+        for i in range(0, B, max(1, max_rows // C)):
+            j = min(B, i + max(1, max_rows // C))
+            hidden = encoder_outputs.last_hidden_state[i:j]
+            scores.append(self._score_rows(hidden, mask[i:j], candidate_labels[i:j]))
+        return torch.cat(scores)
+
+    def _score_rows(self, hidden, mask, candidate_labels):
+        B, C, L = candidate_labels.shape
         start = torch.full((B, 1), self.t5.config.decoder_start_token_id, dtype=torch.long, device=self.device)
-        first = self.t5(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=start, use_cache=True)
+        first = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
+                        decoder_input_ids=start, use_cache=True)
         labels = candidate_labels.reshape(B * C, L)
-        logp = [torch.log_softmax(first.logits[:, -1].float(), -1).repeat_interleave(C, dim=0)]   # (B*C, V)
+        logp = [torch.log_softmax(first.logits[:, -1].float(), -1).repeat_interleave(C, dim=0).unsqueeze(1)]
         if L > 1:
             cache = first.past_key_values
             cache.batch_repeat_interleave(C)
-            hidden = encoder_outputs.last_hidden_state.repeat_interleave(C, dim=0)
-            rest = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            rest = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(C, dim=0)),
                            attention_mask=mask.repeat_interleave(C, dim=0),
                            decoder_input_ids=labels[:, :-1].clamp(min=0), past_key_values=cache, use_cache=True)
-            logp.append(torch.log_softmax(rest.logits.float(), -1))                          # (B*C, L-1, V)
-        logp = torch.cat([logp[0].unsqueeze(1)] + logp[1:], dim=1)
-        token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            logp.append(torch.log_softmax(rest.logits.float(), -1))
+        token_logp = torch.cat(logp, dim=1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (token_logp * (labels != -100)).sum(-1).view(B, C)
 
 
