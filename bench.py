@@ -24,7 +24,7 @@ p.add_argument("--size", default="mini", help="from-scratch size (tiny, mini, sm
 p.add_argument("--ratio", default="1:1:1:3")
 p.add_argument("--batch_size", type=int, default=64)
 p.add_argument("--steps", type=int, default=12, help="timed training steps (after 2 warm-up steps)")
-p.add_argument("--micro_batch_size", type=int, default=16, help="as pretrain.py on CPU (0: whole batches)")
+p.add_argument("--micro_batch_size", type=int, default=8, help="as pretrain.py on CPU (0: whole batches)")
 p.add_argument("--eval_users", type=int, default=256)
 p.add_argument("--eval_batch_size", type=int, default=32)
 p.add_argument("--protocol", default="clean", choices=["clean", "paper"])

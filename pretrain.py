@@ -59,7 +59,7 @@ parser.add_argument("--no_bf16", action="store_true", help="train in fp32 even w
 parser.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
 parser.add_argument("--micro_batch_size", type=int, default=-1,
                     help="accumulate each batch's gradient over micro-batches of this size: same gradient, a fraction "
-                         "of the activation memory (-1: 16 on CPU, whole batches on GPU; 0: whole batches)")
+                         "of the activation memory (-1: 8 on CPU, whole batches on GPU; 0: whole batches)")
 parser.add_argument("--log_interval", type=int, default=200)
 parser.add_argument("--seed", type=int, default=1)
 args = parser.parse_args()
@@ -169,7 +169,7 @@ encoder.add([tasks.item_word(i) for i in range(1, ds.num_items + 1)] + [tasks.us
 ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-micro_batch_size = args.micro_batch_size if args.micro_batch_size >= 0 else (16 if device.type == "cpu" else 0)
+micro_batch_size = args.micro_batch_size if args.micro_batch_size >= 0 else (8 if device.type == "cpu" else 0)
 
 # fixed validation batches: seeded users and samples, the same at every validation and across resumes
 val_rng = random.Random(f"{args.seed}-val")
