@@ -19,7 +19,8 @@ from module import ItemTrie, TrieConstraint, load_checkpoint, parse_item
 from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
 
 
-def parser(description):
+def parser(description, beams=False):
+    """The flags every evaluation script takes; beams=True adds the ranking scripts' --num_beams and --top_k."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--data_dir", required=True, help="dataset dir the checkpoint was trained on")
     p.add_argument("--checkpoint", required=True, help="dir written by pretrain.py")
@@ -30,6 +31,9 @@ def parser(description):
                         "clean: only valid, not-yet-bought items")
     p.add_argument("--users", type=int, default=0, help="evaluate a seeded random sample of N users (0: all)")
     p.add_argument("--seed", type=int, default=1)
+    if beams:
+        p.add_argument("--num_beams", type=int, default=20, help="beam search width (top-N: paper protocol only)")
+        p.add_argument("--top_k", type=int, default=10, help="length of each generated recommendation list")
     return p
 
 
@@ -132,7 +136,7 @@ def decode_items(tokenizer, sequences, per_user):
     return [[item if item not in row[:k] else None for k, item in enumerate(row)] for row in lists]
 
 
-def item_trie(tokenizer, encoder, ds):
+def item_trie(encoder, ds):
     """The trie of every item's target tokens (its cached word pieces + eos)."""
     encoder.add([tasks.item_word(i) for i in range(1, ds.num_items + 1)])
     return ItemTrie({i: encoder.item_target(i) for i in range(1, ds.num_items + 1)})
@@ -153,7 +157,7 @@ def recommend_next(model, tokenizer, encoder, ds, users, protocol="clean", num_b
                    seed=1, progress=True):
     """Top-k next-item lists (item ids, None for an invalid id) for each user's test step."""
     device = model.device
-    trie = item_trie(tokenizer, encoder, ds)
+    trie = item_trie(encoder, ds)
     max_len = max(len(path) for path in trie.paths.values())
     rng = random.Random(seed)
     lists = []

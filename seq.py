@@ -12,9 +12,7 @@ from evaluation import (eval_users, list_quality, load_run, parser, print_table,
                         reference_sequential, write_results)
 from metrics import rank_of, ranking_metrics
 
-p = parser("sequential recommendation: HR@{1,5,10}, NDCG@{5,10}")
-p.add_argument("--num_beams", type=int, default=20)
-p.add_argument("--top_k", type=int, default=10, help="length of each recommendation list")
+p = parser("sequential recommendation: HR@{1,5,10}, NDCG@{5,10}", beams=True)
 args = p.parse_args()
 started = time.time()
 

@@ -10,9 +10,7 @@ import time
 from evaluation import eval_users, load_run, parser, print_table, rank_topn, write_results
 from metrics import ranking_metrics
 
-p = parser("top-N recommendation among 100 candidates: HR@{1,5,10}, NDCG@{5,10}")
-p.add_argument("--num_beams", type=int, default=20, help="paper protocol only")
-p.add_argument("--top_k", type=int, default=10, help="paper protocol only")
+p = parser("top-N recommendation among 100 candidates: HR@{1,5,10}, NDCG@{5,10}", beams=True)
 args = p.parse_args()
 started = time.time()
 

@@ -87,7 +87,7 @@ def encoder(tokenizer, small_ds):
 @pytest.fixture(scope="session")
 def item_trie(tokenizer, encoder, small_ds):
     from evaluation import item_trie
-    return item_trie(tokenizer, encoder, small_ds)
+    return item_trie(encoder, small_ds)
 
 
 @pytest.fixture
