@@ -22,6 +22,7 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--data_dir", required=True)
 p.add_argument("--size", default="mini", help="from-scratch size (tiny, mini, small)")
 p.add_argument("--ratio", default="1:1:1:3")
+p.add_argument("--id_tokens", default="pieces", choices=["pieces", "atomic"], help="as pretrain.py")
 p.add_argument("--batch_size", type=int, default=64)
 p.add_argument("--steps", type=int, default=12, help="timed training steps (after 2 warm-up steps)")
 p.add_argument("--micro_batch_size", type=int, default=8, help="as pretrain.py on CPU (0: whole batches)")
@@ -53,18 +54,20 @@ def run_phase(phase, work):
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     ds = load_dataset(work / "data", log=lambda m: None)
-    tok_dir = work / "tokenizer"
+    tok_dir = work / f"tokenizer_{args.id_tokens}"
     if not tok_dir.exists():
-        tokenizer, _ = train_tokenizer(tasks.tokenizer_corpus(ds, args.seed))
+        atomic = args.id_tokens == "atomic"
+        tokenizer, _ = train_tokenizer(tasks.tokenizer_corpus(ds, args.seed, ids=not atomic), 8000,
+                                       tasks.id_words(ds) if atomic else None)
         tokenizer.save_pretrained(tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     model = HDRec(T5ForConditionalGeneration(t5_config_for(args.size, tokenizer)), seed=args.seed)
     encoder = tasks.WordEncoder(tokenizer)
-    encoder.add([tasks.item_word(i) for i in range(1, ds.num_items + 1)] + [tasks.user_word(u) for u in ds.users])
+    encoder.add(tasks.id_words(ds))
     device = torch.device("cpu")
     use_bf16 = bf16_supported(device)
     base_mb = peak_mb()
-    out = {"phase": phase, "size": args.size, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+    out = {"phase": phase, "size": args.size, "id_tokens": args.id_tokens, "vocab": len(tokenizer), "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
            "bf16": use_bf16, "threads": torch.get_num_threads()}
     rng = random.Random(args.seed)
     if phase == "train":
@@ -119,5 +122,5 @@ with tempfile.TemporaryDirectory() as tmp:
         r = json.loads(res.stdout.strip().splitlines()[-1])
         speed = f"{r['samples_per_s']:.2f} samples/s ({r['input_tokens_per_sample']:.0f} input tokens/sample)" \
             if phase == "train" else f"{r['users_per_s']:.2f} users/s ({r['protocol']})"
-        print(f"{phase:>5}  {args.size} ({r['params_M']:.1f}M params, bf16 {r['bf16']}, {r['threads']} threads): "
-              f"{speed}, peak RSS {r['peak_rss_mb'] / 1024:.2f} GB")
+        print(f"{phase:>5}  {args.size}, {args.id_tokens} ids ({r['params_M']:.1f}M params, vocab {r['vocab']}, "
+              f"bf16 {r['bf16']}, {r['threads']} threads): {speed}, peak RSS {r['peak_rss_mb'] / 1024:.2f} GB")

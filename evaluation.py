@@ -49,7 +49,7 @@ def load_run(args):
               file=sys.stderr)
     ds = renumber_items(ds, meta.get("item_map"))
     encoder = tasks.WordEncoder(tokenizer)
-    encoder.add([tasks.item_word(i) for i in range(1, ds.num_items + 1)] + [tasks.user_word(u) for u in ds.users])
+    encoder.add(tasks.id_words(ds))
     return model, tokenizer, meta, ds, encoder, device
 
 

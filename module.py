@@ -48,16 +48,31 @@ def parse_item(text):
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
-def train_tokenizer(texts, vocab_size=8000):
-    """A SentencePiece unigram model trained on the dataset's own task text, wrapped as a transformers T5 tokenizer
-    (pad 0, eos 1, unk 2, like T5). `vocab_size` is an upper bound: a corpus of ids and templates supports fewer."""
+def train_tokenizer(texts, vocab_size=8000, id_words=None):
+    """A SentencePiece model trained on the dataset's own task text, wrapped as a transformers T5 tokenizer (pad 0,
+    eos 1, unk 2, like T5). `vocab_size` is an upper bound: a corpus of ids and templates supports fewer.
+
+    id_words=None: ids such as item_1234 stay in the text and are split into pieces (unigram), as in P5 / POD / HDRec.
+    id_words=[...]: each of these words becomes one token of its own ("atomic" ids), added after a BPE model learnt
+    on the text alone (`texts` must then hold no id words; BPE keeps template words whole where unigram, on a corpus
+    of repeated templates, splits them into letters)."""
     import sentencepiece as spm
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, hard_vocab_limit=False,
-        model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        num_threads=1, shuffle_input_sentence=False, minloglevel=2, max_sentence_length=1 << 14)
-    return tokenizer_from_spm(model.getvalue()), model.getvalue()
+        model_type="unigram" if id_words is None else "bpe", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2,
+        bos_id=-1, num_threads=1, shuffle_input_sentence=False, minloglevel=2, max_sentence_length=1 << 14)
+    tokenizer = tokenizer_from_spm(model.getvalue())
+    if id_words is not None:
+        add_id_tokens(tokenizer, id_words)
+    return tokenizer, model.getvalue()
+
+
+def add_id_tokens(tokenizer, words):
+    """Make each id word one token. lstrip: the space before an id belongs to it, so "a item_7" is [a, item_7];
+    single_word: item_1 never matches inside item_12. Returns how many tokens were new."""
+    from tokenizers import AddedToken
+    return tokenizer.add_tokens([AddedToken(w, lstrip=True, single_word=True, normalized=False) for w in words])
 
 
 def tokenizer_from_spm(model_bytes):
@@ -117,37 +132,33 @@ class HDRec(nn.Module):
                                 do_sample=False, **kwargs)
 
     @torch.no_grad()
-    def score_candidates(self, batch, candidate_labels, max_rows=400):
+    def score_candidates(self, batch, candidate_labels):
         """Sequence log-likelihood log p(candidate | input) for every candidate of every sample.
         candidate_labels: (B, C, L) token ids padded with -100; returns (B, C).
-        The encoder and the first decoder step (which every candidate shares, cross-attention keys and values
-        included) run once per sample; only the later steps run once per candidate, from a copied cache. The copies
-        are made for at most `max_rows` candidates at a time, which bounds the memory they take."""
+        The encoder and the first decoder step (which every candidate shares) run once per sample. The later steps run
+        once per candidate, over the sample's cached keys and values expanded to its C candidates as stride-0 views:
+        the cross-attention cache, the largest part, is never copied."""
         encoder_outputs, mask = self.encode(batch)
-        B, C, L = candidate_labels.shape
-        scores = []
-        for i in range(0, B, max(1, max_rows // C)):
-            j = min(B, i + max(1, max_rows // C))
-            hidden = encoder_outputs.last_hidden_state[i:j]
-            scores.append(self._score_rows(hidden, mask[i:j], candidate_labels[i:j]))
-        return torch.cat(scores)
-
-    def _score_rows(self, hidden, mask, candidate_labels):
+        hidden = encoder_outputs.last_hidden_state
         B, C, L = candidate_labels.shape
         start = torch.full((B, 1), self.t5.config.decoder_start_token_id, dtype=torch.long, device=self.device)
-        first = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
-                        decoder_input_ids=start, use_cache=True)
-        labels = candidate_labels.reshape(B * C, L)
-        logp = [torch.log_softmax(first.logits[:, -1].float(), -1).repeat_interleave(C, dim=0).unsqueeze(1)]
+        first = self.t5(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=start, use_cache=True)
+        first_logp = torch.log_softmax(first.logits[:, -1].float(), -1)                       # (B, V)
+        labels = candidate_labels.clamp(min=0)
+        scores = first_logp.gather(1, labels[:, :, 0])                                        # (B, C)
         if L > 1:
             cache = first.past_key_values
-            cache.batch_repeat_interleave(C)
-            rest = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(C, dim=0)),
-                           attention_mask=mask.repeat_interleave(C, dim=0),
-                           decoder_input_ids=labels[:, :-1].clamp(min=0), past_key_values=cache, use_cache=True)
-            logp.append(torch.log_softmax(rest.logits.float(), -1))
-        token_logp = torch.cat(logp, dim=1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (token_logp * (labels != -100)).sum(-1).view(B, C)
+            layers = cache.self_attention_cache.layers + cache.cross_attention_cache.layers
+            shared = [(layer.keys, layer.values) for layer in layers]
+            for b in range(B):
+                for layer, (k, v) in zip(layers, shared):   # a fresh self-attention cache each time: it grows
+                    layer.keys, layer.values = k[b:b + 1].expand(C, -1, -1, -1), v[b:b + 1].expand(C, -1, -1, -1)
+                rest = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden[b:b + 1].expand(C, -1, -1)),
+                               attention_mask=mask[b:b + 1].expand(C, -1), decoder_input_ids=labels[b, :, :-1],
+                               past_key_values=cache, use_cache=True)
+                logp = torch.log_softmax(rest.logits.float(), -1).gather(-1, labels[b, :, 1:].unsqueeze(-1))
+                scores[b] += (logp.squeeze(-1) * (candidate_labels[b, :, 1:] != -100)).sum(-1)
+        return scores
 
 
 def micro_batches(batch, size):
@@ -290,24 +301,38 @@ class ItemTrie:
 class TrieConstraint(LogitsProcessor):
     """Beam search over item ids only: at each step, tokens that do not continue a valid item id of the trie (or
     continue only into items banned for that row's user) get -inf. Row r of the expanded batch belongs to user
-    r // num_beams. Allowed-token index tensors are cached per prefix, so a step costs one index_fill per row."""
+    r // num_beams. The mask is built once per distinct prefix of the step (all beams share the empty prefix at the
+    first step), and the next-token index tensor of each prefix is cached."""
 
     def __init__(self, trie, banned_per_user, num_beams, eos_id, start_len=1):
         self.trie, self.banned, self.num_beams, self.eos, self.start = trie, banned_per_user, num_beams, eos_id, start_len
         self.cache = {}
 
+    def children(self, prefix, device):
+        tokens = self.cache.get(prefix)
+        if tokens is None:
+            tokens = self.cache[prefix] = torch.tensor(sorted(self.trie.children.get(prefix, ())), dtype=torch.long,
+                                                       device=device)
+        return tokens
+
     def __call__(self, input_ids, scores):
-        mask = torch.full_like(scores, float("-inf"))
-        for r, row in enumerate(input_ids[:, self.start:].tolist()):
-            prefix = tuple(row)
-            tokens = self.cache.get(prefix)
-            if tokens is None:
-                tokens = self.cache[prefix] = torch.tensor(sorted(self.trie.children.get(prefix, ())), dtype=torch.long,
-                                                           device=scores.device)
-            mask[r].index_fill_(0, tokens, 0.0)
+        prefixes = [tuple(row) for row in input_ids[:, self.start:].tolist()]
+        distinct = {}
+        row_prefix = torch.tensor([distinct.setdefault(p, len(distinct)) for p in prefixes], device=scores.device)
+        blocked = torch.ones(len(distinct), scores.shape[1], dtype=torch.bool, device=scores.device)
+        for prefix, k in distinct.items():
+            blocked[k, self.children(prefix, scores.device)] = False
+        eos_scores = scores[:, self.eos].clone()
+        out = scores.masked_fill_(blocked[row_prefix], float("-inf"))   # in place: generate hands us a fresh tensor
+        rows, closed_tokens, dead = [], [], []
+        for r, prefix in enumerate(prefixes):
             closed = self.trie.closed(prefix, self.banned[r // self.num_beams]) if self.banned else []
-            if closed:
-                mask[r, closed] = float("-inf")
-            if len(tokens) == 0 or len(closed) == len(tokens):
-                mask[r, self.eos] = 0.0   # a dead end (no unbanned item below) ends the beam: it will be a miss
-        return scores + mask
+            rows += [r] * len(closed)
+            closed_tokens += closed
+            if len(closed) == len(self.trie.children.get(prefix, ())):
+                dead.append(r)     # no unbanned item below: the beam ends here and will be a miss
+        if rows:
+            out[rows, closed_tokens] = float("-inf")
+        if dead:
+            out[dead, self.eos] = eos_scores[dead]
+        return out

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 import tasks
 from dataset import load_dataset, random_item_permutation, renumber_items
-from module import HDRec, backward_batch, load_checkpoint, load_pretrained, resolve_backbone, save_checkpoint, SIZES, \
-    t5_config_for, train_tokenizer
+from module import HDRec, add_id_tokens, backward_batch, load_checkpoint, load_pretrained, resolve_backbone, \
+    save_checkpoint, SIZES, t5_config_for, train_tokenizer
 from transformers import T5ForConditionalGeneration
 from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
 
@@ -37,6 +37,9 @@ parser.add_argument("--backbone", default=None,
                     help=f"pretrained T5 (hub name or local folder) or a from-scratch size: {', '.join(SIZES)}")
 parser.add_argument("--model_version", type=int, default=0, help="0-4: t5-small ... t5-11b (when no --backbone)")
 parser.add_argument("--vocab_size", type=int, default=8000, help="upper bound for a from-scratch tokenizer")
+parser.add_argument("--id_tokens", choices=["pieces", "atomic"], default="pieces",
+                    help="pieces: user_N/item_N split into sub-word pieces marked by whole-word embeddings (P5, POD, "
+                         "HDRec); atomic: every id word is one token of its own (a top-N input is ~3x shorter)")
 parser.add_argument("--item_ids", choices=["published", "random"], default="published",
                     help="random: renumber items by a seeded permutation (removes the id-order leak)")
 parser.add_argument("--task_num", type=int, default=4)
@@ -138,8 +141,10 @@ if resuming:
 elif backbone in SIZES:
     tok_dir = out / "tokenizer_build"
     if is_main:
-        log(f"training a SentencePiece tokenizer on {args.data_dir} (vocab <= {args.vocab_size})")
-        tokenizer, spm_model = train_tokenizer(tasks.tokenizer_corpus(ds, args.seed), args.vocab_size)
+        log(f"training a SentencePiece tokenizer on {args.data_dir} (vocab <= {args.vocab_size}, {args.id_tokens} ids)")
+        atomic = args.id_tokens == "atomic"
+        tokenizer, spm_model = train_tokenizer(tasks.tokenizer_corpus(ds, args.seed, ids=not atomic), args.vocab_size,
+                                               tasks.id_words(ds) if atomic else None)
         tokenizer.save_pretrained(tok_dir)
         (tok_dir / "spm.model").write_bytes(spm_model)
     barrier()
@@ -150,6 +155,8 @@ elif backbone in SIZES:
     model = HDRec(t5, args.task_num, args.prompt_num, args.seed)
 else:
     t5, tokenizer = load_pretrained(backbone)
+    if args.id_tokens == "atomic" and add_id_tokens(tokenizer, tasks.id_words(ds)):
+        t5.resize_token_embeddings(len(tokenizer))
     model = HDRec(t5, args.task_num, args.prompt_num, args.seed)
 model.to(device)
 if args.gradient_checkpointing:
@@ -158,14 +165,15 @@ if device.type == "cpu" and world > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 meta = meta if resuming else {
     "task_num": args.task_num, "prompt_num": args.prompt_num, "tasks": list(tasks.TASKS), "ratio": ratio,
-    "backbone": backbone, "item_ids": args.item_ids, "item_map": item_map, "seed": args.seed,
+    "backbone": backbone, "id_tokens": args.id_tokens, "item_ids": args.item_ids, "item_map": item_map,
+    "seed": args.seed,
     "data_dir": str(args.data_dir), "data_hashes": ds.hashes, "args": vars(args), "versions": versions()}
 n_params = sum(p.numel() for p in model.parameters())
 log(f"backbone {backbone}: {n_params / 1e6:.1f}M parameters, vocab {len(tokenizer)}, device {device}, "
     f"bf16 {'on' if use_bf16 else 'off'}, world {world}")
 
 encoder = tasks.WordEncoder(tokenizer)
-encoder.add([tasks.item_word(i) for i in range(1, ds.num_items + 1)] + [tasks.user_word(u) for u in ds.users])
+encoder.add(tasks.id_words(ds))
 ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)

@@ -6,6 +6,7 @@ whole sentence, because SentencePiece segments each whitespace-separated word on
 Batches are single-task, so a 40-token sequential batch is never padded to a 300-token top-N one.
 """
 import random
+import re
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from module import MAX_WHOLE_WORDS, item_word, user_word
 TASKS = ("explanation", "sequential", "review", "topn")
 HISTORY_LEN = 20
 NUM_CANDIDATES = 100
+ID_WORD = re.compile(r"^(user|item)_\d+$")
 
 # Several paraphrases per task in training, the first one at evaluation.
 TEMPLATES = {
@@ -240,20 +242,32 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def tokenizer_corpus(ds, seed=1, max_users=None):
-    """Text the from-scratch tokenizer learns from: every template filled for (a sample of) users, every id word."""
+def id_words(ds):
+    """Every id word of the dataset: items first, then users."""
+    return [item_word(i) for i in range(1, ds.num_items + 1)] + [user_word(u) for u in ds.users]
+
+
+def tokenizer_corpus(ds, seed=1, max_users=None, ids=True):
+    """Text the from-scratch tokenizer learns from: every template filled for (a sample of) users, the training
+    records' review text, every id word. ids=False leaves the id words out (they become tokens of their own)."""
     rng = random.Random(seed)
     users = ds.users if max_users is None else rng.sample(ds.users, min(max_users, len(ds.users)))
+    keep = (lambda w: True) if ids else (lambda w: not ID_WORD.match(w))
+
+    def text(words):
+        return " ".join(w for w in words if keep(w))
     for u in users:
         for task in ("sequential", "topn"):
             words, target = SAMPLERS[task](ds, u, rng, "val")
-            yield " ".join(words)
-            yield target
+            yield text(words)
+            if ids:
+                yield target
     for recs in (ds.records or {}).get("train", {}).values():    # review text of training records only
         for r in recs:
             yield from (v for v in r.values() if isinstance(v, str))
     for tmpl in (t for ts in TEMPLATES.values() for t in ts):
-        yield " ".join(fill(tmpl, user=1, item=1, history=[1], candidates=[1]))
-    items = np.arange(1, ds.num_items + 1)
-    for chunk in np.array_split(items, max(1, len(items) // 100)):
-        yield " ".join(item_word(i) for i in chunk)
+        yield text(fill(tmpl, user=1, item=1, history=[1], candidates=[1]))
+    if ids:
+        items = np.arange(1, ds.num_items + 1)
+        for chunk in np.array_split(items, max(1, len(items) // 100)):
+            yield " ".join(item_word(i) for i in chunk)
