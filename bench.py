@@ -25,7 +25,7 @@ p.add_argument("--ratio", default="1:1:1:3")
 p.add_argument("--id_tokens", default="pieces", choices=["pieces", "atomic"], help="as pretrain.py")
 p.add_argument("--batch_size", type=int, default=64)
 p.add_argument("--steps", type=int, default=12, help="timed training steps (after 2 warm-up steps)")
-p.add_argument("--micro_batch_size", type=int, default=8, help="as pretrain.py on CPU (0: whole batches)")
+p.add_argument("--micro_batch_tokens", type=int, default=2560, help="as pretrain.py on CPU (0: whole batches)")
 p.add_argument("--eval_users", type=int, default=256)
 p.add_argument("--eval_batch_size", type=int, default=32)
 p.add_argument("--protocol", default="clean", choices=["clean", "paper"])
@@ -67,7 +67,8 @@ def run_phase(phase, work):
     device = torch.device("cpu")
     use_bf16 = bf16_supported(device)
     base_mb = peak_mb()
-    out = {"phase": phase, "size": args.size, "id_tokens": args.id_tokens, "vocab": len(tokenizer), "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+    out = {"phase": phase, "size": args.size, "id_tokens": args.id_tokens, "vocab": len(tokenizer),
+           "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
            "bf16": use_bf16, "threads": torch.get_num_threads()}
     rng = random.Random(args.seed)
     if phase == "train":
@@ -81,7 +82,7 @@ def run_phase(phase, work):
                 start = time.time()
             batch = tasks.make_batch(ds, encoder, task, users, rng)
             optimizer.zero_grad()
-            backward_batch(model, batch, args.micro_batch_size,
+            backward_batch(model, batch, args.micro_batch_tokens,
                            torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16))
             optimizer.step()
             if step >= 2:
@@ -89,7 +90,7 @@ def run_phase(phase, work):
                 tokens += int(batch["attention_mask"].sum())
         seconds = time.time() - start
         out.update(samples_per_s=samples / seconds, input_tokens_per_sample=tokens / samples, steps=len(plan) - 2,
-                   batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, ratio=args.ratio)
+                   batch_size=args.batch_size, micro_batch_tokens=args.micro_batch_tokens, ratio=args.ratio)
     else:
         model.eval()
         users = sorted(random.Random(f"{args.seed}-bench").sample(ds.users, min(args.eval_users, len(ds.users))))

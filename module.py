@@ -161,25 +161,28 @@ class HDRec(nn.Module):
         return scores
 
 
-def micro_batches(batch, size):
-    """Split a padded batch into micro-batches of `size` samples, each trimmed to its own longest input/target."""
-    B = batch["input_ids"].shape[0]
-    for i in range(0, B, size or B):
-        mb = {k: v[i:i + (size or B)] for k, v in batch.items()}
-        L = int(mb["attention_mask"].sum(1).max())
-        T = int((mb["labels"] != -100).sum(1).max())
-        mb.update(input_ids=mb["input_ids"][:, :L], whole_word_ids=mb["whole_word_ids"][:, :L],
-                  attention_mask=mb["attention_mask"][:, :L], labels=mb["labels"][:, :T])
+def micro_batches(batch, max_tokens):
+    """Split a padded batch into micro-batches of at most `max_tokens` padded input tokens (at least one sample;
+    0: the whole batch), each trimmed to its own longest input/target. A budget in tokens, not samples: 64 short
+    sequential inputs stay one efficient micro-batch while long top-N inputs are cut to bound activation memory."""
+    B, L = batch["input_ids"].shape
+    rows = max(1, max_tokens // L) if max_tokens else B
+    for i in range(0, B, rows):
+        mb = {k: v[i:i + rows] for k, v in batch.items()}
+        n = int(mb["attention_mask"].sum(1).max())
+        t = int((mb["labels"] != -100).sum(1).max())
+        mb.update(input_ids=mb["input_ids"][:, :n], whole_word_ids=mb["whole_word_ids"][:, :n],
+                  attention_mask=mb["attention_mask"][:, :n], labels=mb["labels"][:, :t])
         yield {k: v.contiguous() for k, v in mb.items()}   # T5's loss views the labels: they must be contiguous
 
 
-def backward_batch(model, batch, micro_batch_size, autocast, no_sync=None):
-    """Gradients of the batch's mean token loss, accumulated over micro-batches so activation memory scales with the
-    micro-batch (the gradient equals the full batch's). `no_sync`: DDP's context for all but the last micro-batch.
-    Returns the batch's mean token loss."""
+def backward_batch(model, batch, max_tokens, autocast, no_sync=None):
+    """Gradients of the batch's mean token loss, accumulated over micro-batches of at most `max_tokens` input tokens
+    so activation memory scales with the micro-batch (the gradient equals the full batch's). `no_sync`: DDP's context
+    for all but the last micro-batch. Returns the batch's mean token loss."""
     import contextlib
     total = (batch["labels"] != -100).sum()
-    parts = list(micro_batches(batch, micro_batch_size))
+    parts = list(micro_batches(batch, max_tokens))
     loss_sum = 0.0
     for k, mb in enumerate(parts):
         sync = contextlib.nullcontext() if no_sync is None or k == len(parts) - 1 else no_sync()

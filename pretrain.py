@@ -60,9 +60,10 @@ parser.add_argument("--max_minutes", type=float, default=0, help="stop training 
 parser.add_argument("--save_minutes", type=float, default=10, help="save the resumable state this often")
 parser.add_argument("--no_bf16", action="store_true", help="train in fp32 even where bf16 autocast is available")
 parser.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
-parser.add_argument("--micro_batch_size", type=int, default=-1,
-                    help="accumulate each batch's gradient over micro-batches of this size: same gradient, a fraction "
-                         "of the activation memory (-1: 8 on CPU, whole batches on GPU; 0: whole batches)")
+parser.add_argument("--micro_batch_tokens", type=int, default=-1,
+                    help="accumulate each batch's gradient over micro-batches of at most this many padded input "
+                         "tokens: same gradient, a fraction of the activation memory (-1: 2560 on CPU, whole batches "
+                         "on GPU; 0: whole batches)")
 parser.add_argument("--log_interval", type=int, default=200)
 parser.add_argument("--seed", type=int, default=1)
 args = parser.parse_args()
@@ -177,7 +178,8 @@ encoder.add(tasks.id_words(ds))
 ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-micro_batch_size = args.micro_batch_size if args.micro_batch_size >= 0 else (8 if device.type == "cpu" else 0)
+micro_batch_tokens = args.micro_batch_tokens if args.micro_batch_tokens >= 0 else \
+    (2560 if device.type == "cpu" else 0)
 
 # fixed validation batches: seeded users and samples, the same at every validation and across resumes
 val_rng = random.Random(f"{args.seed}-val")
@@ -302,7 +304,7 @@ for epoch in range(start_epoch, args.epochs + 1):
         task, users = plan[step]
         batch = tasks.to_device(tasks.make_batch(ds, encoder, task, users, rng, **sample_opts), device)
         optimizer.zero_grad(set_to_none=True)
-        loss = backward_batch(ddp_model, batch, micro_batch_size, autocast, ddp_model.no_sync if world > 1 else None)
+        loss = backward_batch(ddp_model, batch, micro_batch_tokens, autocast, ddp_model.no_sync if world > 1 else None)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         samples += len(users) * world

@@ -10,7 +10,7 @@ from transformers import LogitsProcessorList, T5ForConditionalGeneration
 import tasks
 from evaluation import decode_items, recommend_next
 from module import (SIZES, HDRec, ItemTrie, TrieConstraint, load_checkpoint, load_pretrained, parse_item,
-                    resolve_backbone, save_checkpoint, t5_config_for, tokenizer_from_spm)
+                    resolve_backbone, save_checkpoint, t5_config_for, tokenizer_from_spm, train_tokenizer)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,6 +53,24 @@ def test_trained_tokenizer(tokenizer, trained_tokenizer, small_ds):
     # the SentencePiece model kept in the checkpoint rebuilds the same tokenizer
     again = tokenizer_from_spm(trained_tokenizer[1])
     assert again(" ".join(words))["input_ids"] == tokenizer(" ".join(words))["input_ids"]
+
+
+def test_atomic_id_tokens(small_ds):
+    """--id_tokens atomic: the tokenizer learns the text alone and every id word becomes exactly one token."""
+    corpus = list(tasks.tokenizer_corpus(small_ds, seed=1, ids=False))
+    assert corpus and not any(tasks.ID_WORD.match(w) for text in corpus for w in text.split())
+    tokenizer, _ = train_tokenizer(corpus, 8000, tasks.id_words(small_ds))
+    ids = tokenizer(tasks.id_words(small_ds), add_special_tokens=False)["input_ids"]
+    assert all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == len(ids)
+    assert len(tokenizer.tokenize("which item should be recommended to")) <= 8  # template words stay (nearly) whole
+    assert tokenizer.tokenize("item_12") != tokenizer.tokenize("item_1") and len(tokenizer.tokenize("item_12")) == 1
+    assert "item_1" not in tokenizer.tokenize("item_1x")                         # an id only as a whole word
+    encoder = tasks.WordEncoder(tokenizer)
+    for words in filled_templates(small_ds, small_ds.users[:3]):
+        assert encoder.words(words)[0] == tokenizer(" ".join(words))["input_ids"]
+    item = small_ds.num_items
+    target = encoder.item_target(item)
+    assert len(target) == 2 and parse_item(tokenizer.decode(target, skip_special_tokens=True)) == item
 
 
 def test_word_cache_equals_tokenizing_the_whole_sentence(tokenizer, small_ds):
@@ -354,7 +372,7 @@ def test_pretrained_backbone_missing_folder_is_a_clear_error(tmp_path):
 def test_micro_batches_give_the_full_batch_gradient(tokenizer, encoder, small_ds):
     """Accumulating over micro-batches (each trimmed to its own length) gives the whole batch's loss and gradient."""
     import contextlib
-    from module import backward_batch, SIZES, t5_config_for
+    from module import backward_batch, micro_batches, t5_config_for
     from transformers import T5ForConditionalGeneration
     torch.manual_seed(0)
     model = HDRec(T5ForConditionalGeneration(t5_config_for("tiny", tokenizer)), seed=0).eval()  # eval: no dropout
@@ -364,7 +382,9 @@ def test_micro_batches_give_the_full_batch_gradient(tokenizer, encoder, small_ds
     batch["labels"] = torch.cat([batch["labels"], torch.full((7, 3), -100)], 1)
     batch["labels"][0, -3:] = batch["labels"][0, 0]
     grads, losses = [], []
-    for micro in (0, 3):
+    three = 3 * batch["input_ids"].shape[1]                   # a token budget of 3 padded samples
+    assert [mb["input_ids"].shape[0] for mb in micro_batches(batch, three)] == [3, 3, 1]
+    for micro in (0, three):
         model.zero_grad()
         losses.append(backward_batch(model, batch, micro, contextlib.nullcontext()))
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])

@@ -238,3 +238,21 @@ def test_resume_after_a_crash_between_state_files(random_run, data64, tmp_path, 
     (crashed / "last.tmp" / "train_state.json").unlink()
     train_random(python, script_env, data64, crashed)
     assert_same_tensors(ckpt / "last" / "model.safetensors", crashed / "last" / "model.safetensors")
+
+
+def test_atomic_id_tokens_end_to_end(data64, tmp_path, python, script_env):
+    """--id_tokens atomic: each id is one token; the checkpoint says so; seq.py and topn.py run on it, and the clean
+    protocol's lists are valid."""
+    ckpt = tmp_path / "atomic"
+    train_random(python, script_env, data64, ckpt, "--id_tokens", "atomic")
+    model, tokenizer, meta = load_checkpoint(ckpt)
+    ds = load_dataset(data64, log=quiet)
+    assert meta["id_tokens"] == "atomic" and model.t5.config.vocab_size == len(tokenizer)
+    words = [f"item_{i}" for i in range(1, ds.num_items + 1)] + [f"user_{u}" for u in ds.users]
+    assert all(len(ids) == 1 for ids in tokenizer(words, add_special_tokens=False)["input_ids"])
+    run(python, script_env, "seq.py", "--data_dir", data64, "--checkpoint", ckpt, "--batch_size", 64)
+    res = check_results(ckpt / "results_seq.json", "seq", "clean", 64, 64, "random", data64)
+    assert res["results"]["list_quality"] == {"lists_with_invalid_id": 0, "lists_with_duplicate": 0,
+                                              "lists_with_bought_item": 0}
+    run(python, script_env, "topn.py", "--data_dir", data64, "--checkpoint", ckpt, "--batch_size", 16)
+    check_results(ckpt / "results_topn.json", "topn", "clean", 64, 64, "random", data64)
