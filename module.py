@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_model, save_file
 from transformers import AutoTokenizer, LogitsProcessor, T5Config, T5ForConditionalGeneration, T5Tokenizer
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from utils import atomic_write_json
@@ -127,6 +128,8 @@ class HDRec(nn.Module):
     @torch.no_grad()
     def generate(self, batch, num_beams=20, num_return_sequences=10, max_new_tokens=12, **kwargs):
         encoder_outputs, mask = self.encode(batch)
+        if num_beams > 1 and "past_key_values" not in kwargs:
+            kwargs["past_key_values"] = BeamCache(DynamicCache(), DynamicCache())
         return self.t5.generate(encoder_outputs=encoder_outputs, attention_mask=mask, num_beams=num_beams,
                                 num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
                                 do_sample=False, **kwargs)
@@ -159,6 +162,15 @@ class HDRec(nn.Module):
                 logp = torch.log_softmax(rest.logits.float(), -1).gather(-1, labels[b, :, 1:].unsqueeze(-1))
                 scores[b] += (logp.squeeze(-1) * (candidate_labels[b, :, 1:] != -100)).sum(-1)
         return scores
+
+
+class BeamCache(EncoderDecoderCache):
+    """Beam search reorders the whole cache at every step, but a beam only ever moves within its own input's group of
+    beams, and all beams of one input hold the same cross-attention keys and values (computed from the same encoder
+    output). Reordering those is a large copy that changes nothing, so only the self-attention cache is reordered."""
+
+    def reorder_cache(self, beam_idx):
+        self.self_attention_cache.reorder_cache(beam_idx)
 
 
 def micro_batches(batch, max_tokens):
@@ -200,6 +212,17 @@ def t5_config_for(size, tokenizer):
     return T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
                     feed_forward_proj="relu", dropout_rate=0.1, tie_word_embeddings=True, **SIZES[size])
+
+
+def from_scratch_t5(size, tokenizer):
+    """A randomly initialised T5 of one of SIZES. T5 initialises its embeddings at std 1.0, a scale meant for
+    Adafactor, whose steps are relative to each parameter's size; under AdamW (steps of ~lr whatever the scale) rows
+    that large barely move in a short run, so the model learns item popularity long before it learns which items go
+    together. The embeddings start at std d_model**-0.5 instead, the scale of the other weights."""
+    t5 = T5ForConditionalGeneration(t5_config_for(size, tokenizer))
+    with torch.no_grad():
+        t5.shared.weight.normal_(0.0, t5.config.d_model ** -0.5)
+    return t5
 
 
 def resolve_backbone(backbone, model_version=0):

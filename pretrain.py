@@ -24,9 +24,8 @@ from tqdm import tqdm
 
 import tasks
 from dataset import load_dataset, random_item_permutation, renumber_items
-from module import HDRec, add_id_tokens, backward_batch, load_checkpoint, load_pretrained, resolve_backbone, \
-    save_checkpoint, SIZES, t5_config_for, train_tokenizer
-from transformers import T5ForConditionalGeneration
+from module import HDRec, add_id_tokens, backward_batch, from_scratch_t5, load_checkpoint, load_pretrained, resolve_backbone, \
+    save_checkpoint, SIZES, train_tokenizer
 from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
 
 parser = argparse.ArgumentParser(description="train HDRec (prompt-distilled T5) on a dataset dir")
@@ -152,7 +151,7 @@ elif backbone in SIZES:
     if not is_main:
         from transformers import AutoTokenizer
         tokenizer, spm_model = AutoTokenizer.from_pretrained(tok_dir), (tok_dir / "spm.model").read_bytes()
-    t5 = T5ForConditionalGeneration(t5_config_for(backbone, tokenizer))
+    t5 = from_scratch_t5(backbone, tokenizer)
     model = HDRec(t5, args.task_num, args.prompt_num, args.seed)
 else:
     t5, tokenizer = load_pretrained(backbone)

@@ -208,6 +208,22 @@ def test_trie_constraint_in_generate(tiny_model, tokenizer, encoder, item_trie, 
     assert recommend_next(tiny_model, tokenizer, encoder, small_ds, users, "clean", seed=0, progress=False) == lists
 
 
+def test_beam_cache_changes_nothing_but_the_copies(tiny_model, encoder, item_trie, small_ds):
+    """HDRec.generate's BeamCache skips reordering the cross-attention cache: the same beams and scores as
+    transformers' own cache, constrained or not."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    users = small_ds.users[:4]
+    batch = sequential_batch(small_ds, encoder, users)
+    banned = [item_trie.banned_children(small_ds.sequences[u][:-1]) for u in users]
+    for processors in ([], [TrieConstraint(item_trie, banned, 8, encoder.eos)]):
+        runs = [tiny_model.generate(batch, num_beams=8, num_return_sequences=5, max_new_tokens=5,
+                                    logits_processor=LogitsProcessorList(processors), output_scores=True,
+                                    return_dict_in_generate=True, **cache)
+                for cache in ({}, {"past_key_values": EncoderDecoderCache(DynamicCache(), DynamicCache())})]
+        assert torch.equal(runs[0].sequences, runs[1].sequences)
+        assert torch.equal(runs[0].sequences_scores, runs[1].sequences_scores)
+
+
 def test_trie_constraint_with_fewer_items_left_than_requested(tiny_model, tokenizer, encoder, small_ds):
     """A trie of 12 items where the user bought 10: exactly the 2 others come back, the rest are misses."""
     items = list(range(1, 13))
