@@ -9,8 +9,8 @@ from transformers import LogitsProcessorList, T5ForConditionalGeneration
 
 import tasks
 from evaluation import decode_items, recommend_next
-from module import (SIZES, HDRec, ItemTrie, TrieConstraint, load_checkpoint, load_pretrained, parse_item,
-                    resolve_backbone, save_checkpoint, t5_config_for, tokenizer_from_spm, train_tokenizer)
+from module import (SIZES, HDRec, ItemTrie, TrieConstraint, add_id_tokens, load_checkpoint, load_pretrained,
+                    parse_item, resolve_backbone, save_checkpoint, t5_config_for, tokenizer_from_spm, train_tokenizer)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -377,6 +377,15 @@ def test_pretrained_backbone_from_a_local_folder(tokenizer, encoder, small_ds, t
     with torch.no_grad():
         loss = model(batch)
     assert torch.isfinite(loss) and loss.item() > 0
+    # --id_tokens atomic on a pretrained backbone (as pretrain.py): ids become tokens, the embeddings grow to match
+    words = tasks.id_words(small_ds)
+    assert add_id_tokens(tok, words) == len(words)
+    loaded.resize_token_embeddings(len(tok))
+    assert loaded.get_input_embeddings().weight.shape[0] == len(tok) == len(tokenizer) + len(words)
+    assert all(len(ids) == 1 for ids in tok(words, add_special_tokens=False)["input_ids"])
+    batch = sequential_batch(small_ds, tasks.WordEncoder(tok), small_ds.users[:2])
+    with torch.no_grad():
+        assert torch.isfinite(HDRec(loaded, task_num=4, prompt_num=3).eval()(batch))
 
 
 def test_pretrained_backbone_missing_folder_is_a_clear_error(tmp_path):
