@@ -46,8 +46,8 @@ def run_phase(phase, work):
     import tasks
     from dataset import load_dataset
     from evaluation import rank_topn, recommend_next
-    from module import HDRec, backward_batch, t5_config_for, train_tokenizer
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    from module import HDRec, backward_batch, from_scratch_t5, train_tokenizer
+    from transformers import AutoTokenizer
     from utils import bf16_supported, seed_everything
 
     if args.threads:
@@ -61,7 +61,7 @@ def run_phase(phase, work):
                                        tasks.id_words(ds) if atomic else None)
         tokenizer.save_pretrained(tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    model = HDRec(T5ForConditionalGeneration(t5_config_for(args.size, tokenizer)), seed=args.seed)
+    model = HDRec(from_scratch_t5(args.size, tokenizer), seed=args.seed)
     encoder = tasks.WordEncoder(tokenizer)
     encoder.add(tasks.id_words(ds))
     device = torch.device("cpu")

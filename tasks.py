@@ -252,10 +252,9 @@ def tokenizer_corpus(ds, seed=1, max_users=None, ids=True):
     records' review text, every id word. ids=False leaves the id words out (they become tokens of their own)."""
     rng = random.Random(seed)
     users = ds.users if max_users is None else rng.sample(ds.users, min(max_users, len(ds.users)))
-    keep = (lambda w: True) if ids else (lambda w: not ID_WORD.match(w))
 
     def text(words):
-        return " ".join(w for w in words if keep(w))
+        return " ".join(w for w in words if ids or not ID_WORD.match(w))
     for u in users:
         for task in ("sequential", "topn"):
             words, target = SAMPLERS[task](ds, u, rng, "val")
