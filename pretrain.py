@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 import tasks
 from dataset import load_dataset, random_item_permutation, renumber_items
-from module import HDRec, add_id_tokens, backward_batch, from_scratch_t5, load_checkpoint, load_pretrained, resolve_backbone, \
-    save_checkpoint, SIZES, train_tokenizer
+from module import HDRec, SIZES, add_id_tokens, backward_batch, from_scratch_t5, load_checkpoint, load_pretrained, \
+    resolve_backbone, save_checkpoint, train_tokenizer
 from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
 
 parser = argparse.ArgumentParser(description="train HDRec (prompt-distilled T5) on a dataset dir")
@@ -166,8 +166,8 @@ if device.type == "cpu" and world > 1:
 meta = meta if resuming else {
     "task_num": args.task_num, "prompt_num": args.prompt_num, "tasks": list(tasks.TASKS), "ratio": ratio,
     "backbone": backbone, "id_tokens": args.id_tokens, "item_ids": args.item_ids, "item_map": item_map,
-    "seed": args.seed,
-    "data_dir": str(args.data_dir), "data_hashes": ds.hashes, "args": vars(args), "versions": versions()}
+    "seed": args.seed, "data_dir": str(args.data_dir), "data_hashes": ds.hashes, "args": vars(args),
+    "versions": versions()}
 n_params = sum(p.numel() for p in model.parameters())
 log(f"backbone {backbone}: {n_params / 1e6:.1f}M parameters, vocab {len(tokenizer)}, device {device}, "
     f"bf16 {'on' if use_bf16 else 'off'}, world {world}")
