@@ -7,9 +7,11 @@ from collections import Counter
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import tasks
+from cooccurrence import cooc_scores, cooccurrence
 from dataset import load_dataset, renumber_items
 from tqdm import tqdm
 from transformers import LogitsProcessorList
@@ -67,7 +69,9 @@ def batches(items, size):
 
 # ---------------------------------------------------------------------------------------------------- reference rules
 # No-training rules on the same split and ids, printed beside the model: most-popular (popularity counted on the
-# training parts only) and "max(history)+1, +2, ...", which scores well only when ids leak the order of appearance.
+# training parts only); co-occurrence (items bought together with the user's last items in the training parts,
+# cooccurrence.py), a much stronger rule on Amazon data; and "max(history)+1, +2, ...", which scores well only when
+# ids leak the order of appearance.
 
 def popularity(ds):
     return Counter(i for u in ds.users for i in ds.train_items(u))
@@ -88,19 +92,39 @@ def next_ids(ds, user, k=10):
     return out
 
 
+def cooc_rule(ds, pop):
+    """The co-occurrence rule as user -> every item's score. Popularity, scaled below the smallest co-occurrence
+    weight, breaks ties: a user whose last items co-occur with nothing gets the most-popular list."""
+    counts = cooccurrence(ds)
+    tie_break = np.array([pop.get(i, 0) for i in range(ds.num_items + 1)], dtype=float)
+    tie_break *= 1e-3 / (tie_break.max() + 1)
+    return lambda user: cooc_scores(counts, ds.sequences[user][:-1]) + tie_break
+
+
+def cooc_next(ds, user, cooc, k=10):
+    scores = cooc(user)
+    scores[0] = -np.inf
+    scores[list(set(ds.sequences[user][:-1]))] = -np.inf
+    return np.argsort(-scores, kind="stable")[:k].tolist()
+
+
 def reference_sequential(ds, users, k=10):
     pop = popularity(ds)
     pop_order = [i for i, _ in pop.most_common()] + [i for i in range(1, ds.num_items + 1) if i not in pop]
+    cooc = cooc_rule(ds, pop)
     return {
         "most_popular": ranking_metrics(rank_of(ds.test_item(u), popular_next(ds, u, pop_order, k)) for u in users),
+        "co_occurrence": ranking_metrics(rank_of(ds.test_item(u), cooc_next(ds, u, cooc, k)) for u in users),
         "max_history_plus_1": ranking_metrics(rank_of(ds.test_item(u), next_ids(ds, u, k)) for u in users),
     }
 
 
-def topn_reference_scores(ds, user, candidates, pop):
-    """Scores of the two rules for one user's candidates (higher = ranked first)."""
+def topn_reference_scores(ds, user, candidates, pop, cooc):
+    """Scores of the reference rules for one user's candidates (higher = ranked first); cooc: cooc_rule(ds, pop)."""
     top = max(ds.sequences[user][:-1])
+    item_scores = cooc(user)
     return {"most_popular": [pop.get(c, 0) for c in candidates],
+            "co_occurrence": [float(item_scores[c]) for c in candidates],
             "max_history_plus_1": [(ds.num_items + 1 - c) if c > top else 0 for c in candidates]}
 
 
@@ -183,6 +207,7 @@ def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=
     device = model.device
     rng = random.Random(seed)
     pop = popularity(ds)
+    cooc = cooc_rule(ds, pop)
     task_id = tasks.TASKS.index("topn")
     ranks, reference_ranks = [], {}
     for chunk in tqdm(list(batches(users, batch_size)), desc="topn", dynamic_ncols=True, disable=not progress):
@@ -203,7 +228,7 @@ def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=
                 scores = model.score_candidates(batch, label_tensor.to(device)).cpu()
                 ranks += [rank_by_score(s.tolist(), 0) for s in scores]
         for u, c in zip(chunk, candidates):
-            for rule, s in topn_reference_scores(ds, u, c, pop).items():
+            for rule, s in topn_reference_scores(ds, u, c, pop, cooc).items():
                 reference_ranks.setdefault(rule, []).append(rank_by_score(s, 0))
     return ranks, reference_ranks
 

@@ -76,6 +76,33 @@ def add_id_tokens(tokenizer, words):
     return tokenizer.add_tokens([AddedToken(w, lstrip=True, single_word=True, normalized=False) for w in words])
 
 
+def set_dropout(t5, rate):
+    """T5's dropout rate, in its config (saved with the checkpoint) and in every dropout layer already built."""
+    t5.config.dropout_rate = rate
+    for layer in t5.modules():
+        if isinstance(layer, nn.Dropout):
+            layer.p = rate
+
+
+def init_item_embeddings(t5, tokenizer, vectors, std=None):
+    """Start the embedding of each atomic item token item_N from vectors[N], scaled to element std `std` (None: the
+    embedding matrix's own); all-zero rows keep their initialisation. Returns how many rows were set."""
+    words = [item_word(i) for i in range(1, len(vectors))]
+    token_ids = tokenizer.convert_tokens_to_ids(words)
+    if tokenizer.unk_token_id in token_ids:
+        raise ValueError("--item_init cooc needs --id_tokens atomic: each item_N must be one token")
+    emb = t5.get_input_embeddings().weight
+    vectors = torch.as_tensor(vectors[1:], dtype=torch.float32)
+    d = min(vectors.shape[1], emb.shape[1])
+    vectors = vectors[:, :d]
+    used = vectors.norm(dim=1) > 0
+    with torch.no_grad():
+        rows = torch.tensor(token_ids)[used]
+        scaled = vectors[used] * ((emb.std() if std is None else std) / vectors[used].std())
+        emb[rows, :d] = scaled.to(emb.dtype)
+    return int(used.sum())
+
+
 def tokenizer_from_spm(model_bytes):
     import sentencepiece as spm
     from tokenizers import normalizers

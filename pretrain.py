@@ -23,9 +23,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import tasks
+from cooccurrence import cooccurrence, item_vectors
 from dataset import load_dataset, random_item_permutation, renumber_items
-from module import HDRec, SIZES, add_id_tokens, backward_batch, from_scratch_t5, load_checkpoint, load_pretrained, \
-    resolve_backbone, save_checkpoint, train_tokenizer
+from module import HDRec, SIZES, add_id_tokens, backward_batch, from_scratch_t5, init_item_embeddings, \
+    load_checkpoint, load_pretrained, resolve_backbone, set_dropout, save_checkpoint, train_tokenizer
 from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
 
 parser = argparse.ArgumentParser(description="train HDRec (prompt-distilled T5) on a dataset dir")
@@ -41,10 +42,14 @@ parser.add_argument("--id_tokens", choices=["pieces", "atomic"], default="pieces
                          "HDRec); atomic: every id word is one token of its own (a top-N input is ~3x shorter)")
 parser.add_argument("--item_ids", choices=["published", "random"], default="published",
                     help="random: renumber items by a seeded permutation (removes the id-order leak)")
+parser.add_argument("--item_init", choices=["random", "cooc"], default="random",
+                    help="cooc: item embeddings start from PPMI-SVD vectors of the items bought together in the "
+                         "training parts (needs --id_tokens atomic); random: the backbone's initialisation (paper)")
 parser.add_argument("--task_num", type=int, default=4)
 parser.add_argument("--prompt_num", type=int, default=3, help="learned prompt vectors per task")
 parser.add_argument("--ratio", default="1:1:1:3", help="explanation:sequential:review:top-N samples per user")
 parser.add_argument("--lr", type=float, default=5e-4)
+parser.add_argument("--dropout", type=float, default=0.1, help="the backbone's dropout rate (T5's: 0.1)")
 parser.add_argument("--epochs", type=int, default=100)
 parser.add_argument("--batch_size", type=int, default=64)
 parser.add_argument("--endure_times", type=int, default=5, help="stop after this many validations without gain")
@@ -82,6 +87,8 @@ ratio = [int(x) for x in args.ratio.split(":")]
 if len(ratio) != len(tasks.TASKS) or min(ratio) < 0 or sum(ratio) == 0:
     raise SystemExit(f"--ratio needs {len(tasks.TASKS)} non-negative integers ({':'.join(tasks.TASKS)}), "
                      f"got {args.ratio!r}")
+if args.item_init == "cooc" and args.id_tokens != "atomic":
+    raise SystemExit("--item_init cooc sets one embedding row per item: it needs --id_tokens atomic")
 out = Path(args.checkpoint)
 # The resumable state is one directory, out/last (weights, tokenizer, optimizer, counters), replaced as a unit:
 # written to last.tmp, then last -> last.old, last.tmp -> last. A crash at any point leaves a complete state.
@@ -158,6 +165,15 @@ else:
     if args.id_tokens == "atomic" and add_id_tokens(tokenizer, tasks.id_words(ds)):
         t5.resize_token_embeddings(len(tokenizer))
     model = HDRec(t5, args.task_num, args.prompt_num, args.seed)
+if not resuming:
+    set_dropout(model.t5, args.dropout)
+if not resuming and args.item_init == "cooc":
+    # From scratch, at T5's own embedding scale (std 1): logits sharp enough to rank 12k items from the start, and
+    # rows that large move little under AdamW, so the structure survives (at std d_model**-0.5 the popularity
+    # gradient of the first minutes overwrites it). A pretrained backbone: at its embedding matrix's scale.
+    vectors = item_vectors(cooccurrence(ds), model.t5.config.d_model, args.seed)
+    n = init_item_embeddings(model.t5, tokenizer, vectors, std=1.0 if backbone in SIZES else None)
+    log(f"item embeddings: {n} of {ds.num_items} items start from co-occurrence vectors")
 model.to(device)
 if args.gradient_checkpointing:
     model.t5.gradient_checkpointing_enable()

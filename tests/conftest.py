@@ -76,6 +76,14 @@ def tokenizer(trained_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def atomic_tokenizer(small_ds):
+    """A tokenizer as pretrain.py --id_tokens atomic trains it: the text alone, then every id word one token."""
+    import tasks
+    from module import train_tokenizer
+    return train_tokenizer(list(tasks.tokenizer_corpus(small_ds, seed=1, ids=False)), 8000, tasks.id_words(small_ds))[0]
+
+
+@pytest.fixture(scope="session")
 def encoder(tokenizer, small_ds):
     import tasks
     enc = tasks.WordEncoder(tokenizer)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from dataset import load_dataset, random_item_permutation, renumber_items
-from evaluation import eval_users, popularity, reference_sequential, topn_reference_scores
+from evaluation import cooc_rule, eval_users, popularity, reference_sequential, topn_reference_scores
 from metrics import rank_by_score, ranking_metrics
 from module import load_checkpoint
 from utils import file_sha256
@@ -62,16 +62,17 @@ def check_results(path, task, protocol, users, all_users, item_ids, data_dir):
     assert {"python", "torch", "transformers", "numpy"} <= set(res["versions"])
     assert res["seconds"] > 0 and res["results"]["users_per_second"] > 0
     check_metrics(res["results"][f"HDRec ({protocol})"])
-    for rule in ("most_popular", "max_history_plus_1"):
+    for rule in ("most_popular", "co_occurrence", "max_history_plus_1"):
         check_metrics(res["results"][rule])
     return res
 
 
 def reference_topn(ds, users):
     pop = popularity(ds)
+    cooc = cooc_rule(ds, pop)
     ranks = {}
     for u in users:
-        for rule, s in topn_reference_scores(ds, u, [ds.test_item(u)] + ds.negatives[u], pop).items():
+        for rule, s in topn_reference_scores(ds, u, [ds.test_item(u)] + ds.negatives[u], pop, cooc).items():
             ranks.setdefault(rule, []).append(rank_by_score(s, 0))
     return {rule: ranking_metrics(r) for rule, r in ranks.items()}
 
@@ -241,13 +242,16 @@ def test_resume_after_a_crash_between_state_files(random_run, data64, tmp_path, 
 
 
 def test_atomic_id_tokens_end_to_end(data64, tmp_path, python, script_env):
-    """--id_tokens atomic: each id is one token; the checkpoint says so; seq.py and topn.py run on it, and the clean
-    protocol's lists are valid."""
+    """--id_tokens atomic (with --item_init cooc and --dropout): each id is one token; the checkpoint says so; seq.py
+    and topn.py run on it, and the clean protocol's lists are valid."""
     ckpt = tmp_path / "atomic"
-    train_random(python, script_env, data64, ckpt, "--id_tokens", "atomic")
+    log = train_random(python, script_env, data64, ckpt, "--id_tokens", "atomic", "--item_init", "cooc",
+                       "--dropout", "0.05")
+    assert "items start from co-occurrence vectors" in log
     model, tokenizer, meta = load_checkpoint(ckpt)
     ds = load_dataset(data64, log=quiet)
     assert meta["id_tokens"] == "atomic" and model.t5.config.vocab_size == len(tokenizer)
+    assert meta["args"]["item_init"] == "cooc" and model.t5.config.dropout_rate == 0.05
     words = [f"item_{i}" for i in range(1, ds.num_items + 1)] + [f"user_{u}" for u in ds.users]
     assert all(len(ids) == 1 for ids in tokenizer(words, add_special_tokens=False)["input_ids"])
     run(python, script_env, "seq.py", "--data_dir", data64, "--checkpoint", ckpt, "--batch_size", 64)
@@ -256,3 +260,9 @@ def test_atomic_id_tokens_end_to_end(data64, tmp_path, python, script_env):
                                               "lists_with_bought_item": 0}
     run(python, script_env, "topn.py", "--data_dir", data64, "--checkpoint", ckpt, "--batch_size", 16)
     check_results(ckpt / "results_topn.json", "topn", "clean", 64, 64, "random", data64)
+
+
+def test_item_init_cooc_needs_atomic_ids(data64, python, script_env):
+    proc = subprocess.run([python, str(ROOT / "pretrain.py"), "--data_dir", str(data64), "--item_init", "cooc",
+                           "--backbone", "tiny"], cwd=ROOT, env=script_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--item_init cooc" in proc.stderr and "--id_tokens atomic" in proc.stderr
