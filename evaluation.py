@@ -1,5 +1,6 @@
 """What seq.py, topn.py and exp.py share: flags, loading a trained run with its data, reference rules, results."""
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -108,15 +109,76 @@ def cooc_next(ds, user, cooc, k=10):
     return np.argsort(-scores, kind="stable")[:k].tolist()
 
 
-def reference_sequential(ds, users, k=10):
+def recent_popularity(ds):
+    """How often each item is the last item of a training part: Amazon's popularity drifts in time, and what was bought
+    most recently is a stronger constant list than all-time popularity (beauty test HR@10 .0167 against .0115)."""
+    return Counter(ds.train_items(u)[-1] for u in ds.users)
+
+
+def popularity_order(ds, pop):
+    """Items by descending count, then the never-counted ones by the all-time popularity."""
+    rest = popularity(ds)
+    return [i for i, _ in pop.most_common()] + sorted((i for i in range(1, ds.num_items + 1) if i not in pop),
+                                                      key=lambda i: -rest.get(i, 0))
+
+
+def reference_lists(ds, users, k=10):
+    """{rule: top-k lists} of the no-training rules for each user's test step."""
     pop = popularity(ds)
-    pop_order = [i for i, _ in pop.most_common()] + [i for i in range(1, ds.num_items + 1) if i not in pop]
+    pop_order, recent_order = popularity_order(ds, pop), popularity_order(ds, recent_popularity(ds))
     cooc = cooc_rule(ds, pop)
-    return {
-        "most_popular": ranking_metrics(rank_of(ds.test_item(u), popular_next(ds, u, pop_order, k)) for u in users),
-        "co_occurrence": ranking_metrics(rank_of(ds.test_item(u), cooc_next(ds, u, cooc, k)) for u in users),
-        "max_history_plus_1": ranking_metrics(rank_of(ds.test_item(u), next_ids(ds, u, k)) for u in users),
-    }
+    return {"most_popular": [popular_next(ds, u, pop_order, k) for u in users],
+            "recent_popular": [popular_next(ds, u, recent_order, k) for u in users],
+            "co_occurrence": [cooc_next(ds, u, cooc, k) for u in users],
+            "max_history_plus_1": [next_ids(ds, u, k) for u in users]}
+
+
+def reference_sequential(ds, users, k=10):
+    return {rule: ranking_metrics(rank_of(ds.test_item(u), items) for u, items in zip(users, lists))
+            for rule, lists in reference_lists(ds, users, k).items()}
+
+
+def personalisation(lists, popular_lists, num_items):
+    """How much the top-k lists differ between users: the share of distinct lists, item coverage (share of the
+    catalogue in at least one list) and the mean share of a list that is also in the user's most-popular list."""
+    valid = [[i for i in items if i is not None] for items in lists]
+    overlap = [len(set(a) & set(b)) / max(1, len(b)) for a, b in zip(valid, popular_lists)]
+    return {"distinct_lists": len({tuple(v) for v in valid}) / len(valid),
+            "item_coverage": len({i for v in valid for i in v}) / num_items,
+            "overlap_with_most_popular": float(np.mean(overlap))}
+
+
+def swapped_histories(ds, users, seed):
+    """A copy of `ds` in which each of `users` has another of them's sequence (a seeded derangement)."""
+    rng = random.Random(f"{seed}-swap")
+    partner = list(users)
+    while len(users) > 1 and any(a == b for a, b in zip(users, partner)):
+        rng.shuffle(partner)
+    sequences = dict(ds.sequences)
+    sequences.update({u: ds.sequences[v] for u, v in zip(users, partner)})
+    return dataclasses.replace(ds, sequences=sequences)
+
+
+def input_sensitivity(rank_fn, ds, users, n=500, seed=1):
+    """Share of a seeded sample of users whose top-k list changes when their history is replaced by another user's.
+    rank_fn(ds, users) -> lists, with no bought items excluded (otherwise the lists would change through the
+    exclusion alone, even for a model that ignores its input)."""
+    sample = sorted(random.Random(f"{seed}-sensitivity").sample(users, min(n, len(users))))
+    if len(sample) < 2:
+        return float("nan")
+    before = rank_fn(ds, sample)
+    after = rank_fn(swapped_histories(ds, sample, seed), sample)
+    return float(np.mean([a != b for a, b in zip(before, after)]))
+
+
+PERSONALISATION_WARNING = 0.5     # fewer distinct lists than this share of users: the model barely personalises
+
+
+def personalisation_warning(figures):
+    if figures["distinct_lists"] < PERSONALISATION_WARNING or figures.get("input_sensitivity", 1) < PERSONALISATION_WARNING:
+        return (f"WARNING: the model's lists barely depend on the user: {figures['distinct_lists']:.1%} distinct lists, "
+                f"{figures.get('input_sensitivity', float('nan')):.1%} change when the history is swapped")
+    return None
 
 
 def topn_reference_scores(ds, user, candidates, pop, cooc):
@@ -131,22 +193,27 @@ def topn_reference_scores(ds, user, candidates, pop, cooc):
 # ---------------------------------------------------------------------------------------------------- results
 
 def print_table(rows, title):
-    """rows: {name: {metric: value}} -> an aligned text table."""
-    metrics = list(next(iter(rows.values())))
+    """rows: {name: {metric: value}} -> an aligned text table (a metric a row lacks shows as -)."""
+    metrics = list(dict.fromkeys(m for row in rows.values() for m in row))
     width = max(len(n) for n in rows) + 2
+    cols = [max(10, len(m) + 2) for m in metrics]
     print(f"\n{title}")
-    print(" " * width + "".join(f"{m:>10}" for m in metrics))
+    print(" " * width + "".join(f"{m:>{c}}" for m, c in zip(metrics, cols)))
     for name, row in rows.items():
-        print(f"{name:<{width}}" + "".join(f"{row[m]:>10.4f}" for m in metrics))
+        print(f"{name:<{width}}" + "".join(f"{row[m]:>{c}.4f}" if m in row else f"{'-':>{c}}"
+                                           for m, c in zip(metrics, cols)))
 
 
-def write_results(args, name, meta, ds, users, results, started):
+def write_results(args, name, meta, ds, users, results, started, ranks=None):
+    """results_{name}[_paper].json in the checkpoint dir; ranks: the model's 0-based rank of each user's held-out
+    item (-1: not in its list), in the order of `user_ids`, for paired comparisons between runs without a rerun."""
     path = Path(args.checkpoint) / f"results_{name}{'' if args.protocol == 'clean' else '_paper'}.json"
+    per_user = {} if ranks is None else {"user_ids": list(users), "ranks": [-1 if r is None else r for r in ranks]}
     atomic_write_json(path, {
         "task": name, "protocol": args.protocol, "users": len(users), "all_users": len(ds.users),
         "item_ids": meta.get("item_ids", "published"), "results": results, "seconds": time.time() - started,
         "config": vars(args), "train_config": meta.get("args"), "backbone": meta.get("backbone"),
-        "data_hashes": ds.hashes, "versions": versions()})
+        "data_hashes": ds.hashes, "versions": versions(), **per_user})
     print(f"\nwritten {path}")
     return path
 
@@ -160,10 +227,34 @@ def decode_items(tokenizer, sequences, per_user):
     return [[item if item not in row[:k] else None for k, item in enumerate(row)] for row in lists]
 
 
-def item_trie(encoder, ds):
-    """The trie of every item's target tokens (its cached word pieces + eos)."""
+def item_trie(encoder, ds, eos=True):
+    """The trie of every item's target tokens: its cached word pieces + eos (eos=False: --history decoder, where an
+    item is followed by the next item, so item token sequences must be prefix-free: one token, or codes of one
+    length)."""
     encoder.add([tasks.item_word(i) for i in range(1, ds.num_items + 1)])
-    return ItemTrie({i: encoder.item_target(i) for i in range(1, ds.num_items + 1)})
+    paths = {i: encoder.item_target(i) if eos else encoder.item_tokens(i) for i in range(1, ds.num_items + 1)}
+    trie = ItemTrie(paths)
+    if not eos and any(trie.children.get(tuple(p)) for p in paths.values()):
+        raise ValueError("--history decoder needs item ids whose tokens are prefix-free (--id_tokens atomic, or "
+                         "fixed-length codes); with sub-word pieces one id can be the start of another")
+    return trie
+
+
+def decoder_prefixes(encoder, ds, users, split, device):
+    """--history decoder: each user's history before the `split` item as decoder input ([start] + item tokens),
+    left-padded to one length (T5's relative positions make the padding invisible behind the mask)."""
+    rows = []
+    for u in users:
+        seq = ds.sequences[u]
+        end = len(seq) - (2 if split == "val" else 1)
+        rows.append([encoder.pad] + [t for i in seq[max(0, end - tasks.HISTORY_LEN):end] for t in encoder.item_tokens(i)])
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), encoder.pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), P, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, P - len(r):] = torch.tensor(r)
+        mask[b, P - len(r):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def list_quality(lists, ds, users, num_items):
@@ -178,25 +269,69 @@ def list_quality(lists, ds, users, num_items):
 
 
 def recommend_next(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=20, top_k=10, batch_size=32,
-                   seed=1, progress=True):
-    """Top-k next-item lists (item ids, None for an invalid id) for each user's test step."""
+                   seed=1, progress=True, history="encoder", split="test", exclude_bought=True):
+    """Top-k next-item lists (item ids, None for an invalid id) for each user's `split` step (test, or val: the
+    history then ends before the validation item). history: where the model reads it (tasks.HISTORY_PLACES).
+    exclude_bought=False: the clean protocol's valid ids, bought ones included (the model's raw preference)."""
     device = model.device
-    trie = item_trie(encoder, ds)
+    trie = item_trie(encoder, ds, eos=history == "encoder")
     max_len = max(len(path) for path in trie.paths.values())
+    if history == "decoder" and max_len == 1 and protocol == "clean":
+        return rank_next_items(model, encoder, ds, users, top_k, batch_size, progress, split, exclude_bought)
     rng = random.Random(seed)
     lists = []
     for chunk in tqdm(list(batches(users, batch_size)), desc="seq", dynamic_ncols=True, disable=not progress):
-        samples = [tasks.sequential_sample(ds, u, rng, "test") for u in chunk]
+        samples = [tasks.sequential_sample(ds, u, rng, split, history) for u in chunk]
         batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), tasks.TASKS.index("sequential")),
                                 device)
+        batch.pop("decoder_input_ids", None)
+        kwargs, start = {}, 1
+        if history == "decoder":
+            kwargs["decoder_input_ids"], kwargs["decoder_attention_mask"] = decoder_prefixes(encoder, ds, chunk, split,
+                                                                                            device)
+            start = kwargs["decoder_input_ids"].shape[1]
         constraint = []
         if protocol == "clean":
-            banned = [trie.banned_children(ds.sequences[u][:-1]) for u in chunk]
-            constraint = [TrieConstraint(trie, banned, num_beams, tokenizer.eos_token_id)]
+            end = -1 if split == "test" else -2
+            banned = [trie.banned_children(ds.sequences[u][:end] if exclude_bought else ()) for u in chunk]
+            constraint = [TrieConstraint(trie, banned, num_beams, tokenizer.eos_token_id, start)]
         with autocast(device):
             out = model.generate(batch, num_beams=num_beams, num_return_sequences=top_k, max_new_tokens=max_len,
-                                 logits_processor=LogitsProcessorList(constraint))
-        lists += decode_items(tokenizer, out, top_k)
+                                 logits_processor=LogitsProcessorList(constraint), **kwargs)
+        lists += decode_items(tokenizer, out[:, start:] if history == "decoder" else out, top_k)
+    return lists
+
+
+def next_item_scores(model, encoder, ds, users, split="test"):
+    """--history decoder with one-token item ids: log p(item | user, history) of every item (column i-1: item i)
+    for each user, as a (len(users), num_items) tensor."""
+    device = model.device
+    rng = random.Random(0)        # the evaluation template is fixed: nothing is drawn
+    samples = [tasks.sequential_sample(ds, u, rng, split, "decoder") for u in users]
+    batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), tasks.TASKS.index("sequential")),
+                            device)
+    batch.pop("decoder_input_ids")
+    prefix, prefix_mask = decoder_prefixes(encoder, ds, users, split, device)
+    with autocast(device):
+        logp = model.next_token_logprobs(batch, prefix, prefix_mask)
+    tokens = torch.tensor([encoder.item_tokens(i)[0] for i in range(1, ds.num_items + 1)], device=device)
+    return logp[:, tokens]
+
+
+def rank_next_items(model, encoder, ds, users, top_k=10, batch_size=32, progress=True, split="test",
+                    exclude_bought=True):
+    """The clean protocol's top-k for one-token item ids read in the decoder: every item ranked by its likelihood,
+    bought items (before the `split` item) excluded. Equals 20-beam search's top 10, in one decoder pass."""
+    end = -1 if split == "test" else -2
+    lists = []
+    for chunk in tqdm(list(batches(users, batch_size)), desc="seq", dynamic_ncols=True, disable=not progress):
+        scores = next_item_scores(model, encoder, ds, chunk, split)
+        for b, u in enumerate(chunk):
+            if exclude_bought:
+                scores[b, [i - 1 for i in set(ds.sequences[u][:end])]] = float("-inf")
+        values, index = scores.topk(min(top_k, ds.num_items), dim=1)
+        lists += [[i + 1 if v > float("-inf") else None for v, i in zip(vs, ix)]     # None: nothing left to rank
+                  for vs, ix in zip(values.tolist(), index.tolist())]
     return lists
 
 

@@ -128,6 +128,15 @@ class HDRec(nn.Module):
         # zero-initialised: training starts from the plain backbone and learns the word marking
         self.whole_word = nn.Embedding(MAX_WHOLE_WORDS, d)
         nn.init.zeros_(self.whole_word.weight)
+        self.item_tokens = None     # set_item_tokens: the softmax of item-sequence targets runs over these only
+
+    def set_item_tokens(self, token_ids):
+        """Token ids of the atomic item ids. Batches with decoder_input_ids (--history decoder), whose every label is
+        an item, then take their cross-entropy over the items alone: ~1/3 of the output layer's work on beauty (the
+        user and text tokens are never the answer), and no probability mass spent learning that."""
+        self.item_tokens = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
+        self.item_index = torch.full((self.t5.config.vocab_size,), -1, dtype=torch.long, device=self.device)
+        self.item_index[self.item_tokens] = torch.arange(len(self.item_tokens), device=self.device)
 
     @property
     def device(self):
@@ -147,10 +156,25 @@ class HDRec(nn.Module):
         return BaseModelOutput(last_hidden_state=hidden), mask
 
     def forward(self, batch):
-        """Mean token cross-entropy of the batch's labels (-100 = ignored)."""
+        """Mean token cross-entropy of the batch's labels (-100 = ignored). The decoder reads the batch's
+        decoder_input_ids where it has them (--history decoder), else the labels shifted right."""
         embeds, mask = self.encoder_inputs(batch["input_ids"], batch["whole_word_ids"], batch["attention_mask"],
                                            batch["task"])
-        return self.t5(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"]).loss
+        if self.item_tokens is None or "decoder_input_ids" not in batch:
+            return self.t5(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"],
+                           decoder_input_ids=batch.get("decoder_input_ids")).loss
+        encoded = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        hidden = self.t5.decoder(input_ids=batch["decoder_input_ids"], encoder_hidden_states=encoded,
+                                 encoder_attention_mask=mask).last_hidden_state
+        scored = batch["labels"] != -100
+        hidden = hidden[scored]                                  # only the positions that carry a loss
+        if self.t5.config.tie_word_embeddings:
+            hidden = hidden * self.t5.config.d_model ** -0.5     # as T5 scales before its tied output layer
+        logits = hidden @ self.t5.lm_head.weight[self.item_tokens].T
+        target = self.item_index[batch["labels"][scored]]
+        if (target < 0).any():
+            raise ValueError("an item-sequence label is not an item token")
+        return nn.functional.cross_entropy(logits.float(), target)
 
     @torch.no_grad()
     def generate(self, batch, num_beams=20, num_return_sequences=10, max_new_tokens=12, **kwargs):
@@ -160,6 +184,15 @@ class HDRec(nn.Module):
         return self.t5.generate(encoder_outputs=encoder_outputs, attention_mask=mask, num_beams=num_beams,
                                 num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
                                 do_sample=False, **kwargs)
+
+    @torch.no_grad()
+    def next_token_logprobs(self, batch, decoder_input_ids, decoder_attention_mask):
+        """log p(next token | input, decoder prefix) at the end of each (left-padded) prefix: (B, vocab). With
+        one-token item ids this ranks every item exactly, as beam search would, in one pass instead of one per beam."""
+        encoder_outputs, mask = self.encode(batch)
+        out = self.t5(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=decoder_input_ids,
+                      decoder_attention_mask=decoder_attention_mask)
+        return torch.log_softmax(out.logits[:, -1].float(), -1)
 
     @torch.no_grad()
     def score_candidates(self, batch, candidate_labels):
@@ -209,9 +242,12 @@ def micro_batches(batch, max_tokens):
     for i in range(0, B, rows):
         mb = {k: v[i:i + rows] for k, v in batch.items()}
         n = int(mb["attention_mask"].sum(1).max())
-        t = int((mb["labels"] != -100).sum(1).max())
+        scored = mb["labels"] != -100                 # up to the last scored position (a prefix may be unscored)
+        t = int((scored * torch.arange(1, scored.shape[1] + 1, device=scored.device)).max())
         mb.update(input_ids=mb["input_ids"][:, :n], whole_word_ids=mb["whole_word_ids"][:, :n],
                   attention_mask=mb["attention_mask"][:, :n], labels=mb["labels"][:, :t])
+        if "decoder_input_ids" in mb:
+            mb["decoder_input_ids"] = mb["decoder_input_ids"][:, :t]
         yield {k: v.contiguous() for k, v in mb.items()}   # T5's loss views the labels: they must be contiguous
 
 

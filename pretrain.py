@@ -25,6 +25,8 @@ from tqdm import tqdm
 import tasks
 from cooccurrence import cooccurrence, item_vectors
 from dataset import load_dataset, random_item_permutation, renumber_items
+from evaluation import recommend_next
+from metrics import rank_of, ranking_metrics
 from module import HDRec, SIZES, add_id_tokens, backward_batch, from_scratch_t5, init_item_embeddings, \
     load_checkpoint, load_pretrained, resolve_backbone, set_dropout, save_checkpoint, train_tokenizer
 from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
@@ -40,6 +42,10 @@ parser.add_argument("--vocab_size", type=int, default=8000, help="upper bound fo
 parser.add_argument("--id_tokens", choices=["pieces", "atomic"], default="pieces",
                     help="pieces: user_N/item_N split into sub-word pieces marked by whole-word embeddings (P5, POD, "
                          "HDRec); atomic: every id word is one token of its own (a top-N input is ~3x shorter)")
+parser.add_argument("--history", choices=tasks.HISTORY_PLACES, default="decoder",
+                    help="where the sequential task reads the user's history: decoder (teacher-forced, every position "
+                         "predicts its next item, as SASRec trains; needs --id_tokens atomic) or encoder (in the "
+                         "prompt, one target per sample: P5 / POD / HDRec)")
 parser.add_argument("--item_ids", choices=["published", "random"], default="published",
                     help="random: renumber items by a seeded permutation (removes the id-order leak)")
 parser.add_argument("--item_init", choices=["random", "cooc"], default="random",
@@ -60,6 +66,12 @@ parser.add_argument("--explanation_target", choices=["auto", "llm", "review"], d
                          "auto: llm where the record has it")
 parser.add_argument("--val_every", type=int, default=0, help="validate every N steps (0: once an epoch)")
 parser.add_argument("--val_users", type=int, default=0, help="validate on a seeded sample of N users (0: all)")
+parser.add_argument("--rank_users", type=int, default=1000,
+                    help="at every validation, rank all items for a fixed seeded sample of N validation users "
+                         "(sequential task, clean protocol) and log HR@10 / NDCG@10 (0: off)")
+parser.add_argument("--stop_on", choices=["ndcg", "loss"], default="ndcg",
+                    help="what keeps the best model and stops early: validation NDCG@10 of the ranked users "
+                         "(needs --rank_users and the sequential task) or the mean validation loss (paper)")
 parser.add_argument("--max_minutes", type=float, default=0, help="stop training after this many minutes (0: no limit)")
 parser.add_argument("--save_minutes", type=float, default=10, help="save the resumable state this often")
 parser.add_argument("--no_bf16", action="store_true", help="train in fp32 even where bf16 autocast is available")
@@ -87,6 +99,9 @@ ratio = [int(x) for x in args.ratio.split(":")]
 if len(ratio) != len(tasks.TASKS) or min(ratio) < 0 or sum(ratio) == 0:
     raise SystemExit(f"--ratio needs {len(tasks.TASKS)} non-negative integers ({':'.join(tasks.TASKS)}), "
                      f"got {args.ratio!r}")
+if args.history == "decoder" and args.id_tokens != "atomic":
+    raise SystemExit("--history decoder reads items one after another in the decoder: it needs --id_tokens atomic "
+                     "(sub-word pieces of one id can be the start of another); the paper's setting is --history encoder")
 if args.item_init == "cooc" and args.id_tokens != "atomic":
     raise SystemExit("--item_init cooc sets one embedding row per item: it needs --id_tokens atomic")
 out = Path(args.checkpoint)
@@ -136,7 +151,7 @@ for task, share in zip(tasks.TASKS, ratio):
         raise SystemExit(f"--ratio gives the {task} task a share, but {args.data_dir} has no training data for it "
                          f"(needs {need}); give it a zero share, e.g. --ratio 0:1:0:3")
 sample_opts = {"negative_num": args.negative_num, "explanation_target": args.explanation_target,
-               "exp_len": args.exp_len}
+               "exp_len": args.exp_len, "history": args.history}
 
 backbone = resolve_backbone(args.backbone, args.model_version)
 spm_model = None
@@ -181,7 +196,7 @@ if device.type == "cpu" and world > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 meta = meta if resuming else {
     "task_num": args.task_num, "prompt_num": args.prompt_num, "tasks": list(tasks.TASKS), "ratio": ratio,
-    "backbone": backbone, "id_tokens": args.id_tokens, "item_ids": args.item_ids, "item_map": item_map,
+    "backbone": backbone, "id_tokens": args.id_tokens, "history": args.history, "item_ids": args.item_ids, "item_map": item_map,
     "seed": args.seed, "data_dir": str(args.data_dir), "data_hashes": ds.hashes, "args": vars(args),
     "versions": versions()}
 n_params = sum(p.numel() for p in model.parameters())
@@ -190,6 +205,8 @@ log(f"backbone {backbone}: {n_params / 1e6:.1f}M parameters, vocab {len(tokenize
 
 encoder = tasks.WordEncoder(tokenizer)
 encoder.add(tasks.id_words(ds))
+if args.history == "decoder":      # item-sequence targets: cross-entropy over the item tokens alone
+    model.set_item_tokens([encoder.item_tokens(i)[0] for i in range(1, ds.num_items + 1)])
 ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -214,6 +231,14 @@ for task, share in zip(tasks.TASKS, ratio):
                         for i in range(0, len(users), args.batch_size)]
 if not val_tasks:
     raise SystemExit(f"{args.data_dir}: no validation samples for any task with a share in --ratio {args.ratio}")
+# the learning curve: the model's ranking of every item for a fixed sample of validation users
+rank_users = []
+if args.rank_users and "sequential" in val_tasks:
+    able = tasks.trainable_users(ds, "sequential")
+    rank_users = sorted(random.Random(f"{args.seed}-rank").sample(able, min(args.rank_users, len(able))))
+if args.stop_on == "ndcg" and not rank_users:
+    raise SystemExit("--stop_on ndcg needs ranked validation users: the sequential task in --ratio and --rank_users > 0 "
+                     "(or use --stop_on loss)")
 
 
 @torch.no_grad()
@@ -233,6 +258,20 @@ def validate():
             dist.all_reduce(s)
         losses[task] = (s[0] / s[1]).item()
     return losses
+
+
+@torch.no_grad()
+def validate_ranking():
+    """HR@10 / NDCG@10 of the validation item when the model ranks every item for the fixed `rank_users` (every
+    rank ranks them all: the figures then agree without communication)."""
+    if not rank_users:
+        return {}
+    model.eval()
+    lists = recommend_next(model, tokenizer, encoder, ds, rank_users, "clean", num_beams=20, top_k=10,
+                           batch_size=64, seed=args.seed, progress=False, history=args.history, split="val")
+    model.train()
+    m = ranking_metrics(rank_of(ds.val_item(u), items) for u, items in zip(rank_users, lists))
+    return {k: m[k] for k in ("HR@10", "NDCG@10")}
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -305,6 +344,7 @@ else:
     start_epoch, start_step, rng = 1, 0, random.Random(f"{args.seed}-train-{rank}")
     best, endured, history = math.inf, 0, []
 t0 = time.time()
+minutes_before = history[-1]["minutes"] if history else 0.0     # a resumed run keeps its earlier minutes
 last_save = time.time()
 samples = history[-1]["samples"] if history else 0
 stop = False
@@ -328,22 +368,28 @@ for epoch in range(start_epoch, args.epochs + 1):
         s[1] += 1
         if step % 10 == 0:
             bar.set_postfix(task=task, loss=f"{loss:.3f}")
-        out_of_time = agreed(args.max_minutes and (time.time() - t0) / 60 >= args.max_minutes)
+        out_of_time = agreed(args.max_minutes and minutes_before + (time.time() - t0) / 60 >= args.max_minutes)
         if step + 1 in val_points or out_of_time:
             val = validate()
             total = sum(val.values()) / len(val)
-            record = {"epoch": epoch, "step": step + 1, "samples": samples, "minutes": (time.time() - t0) / 60,
-                      "train": {t: v[0] / v[1] for t, v in train_sums.items()}, "val": val, "val_mean": total}
+            ranking = validate_ranking()
+            minutes = minutes_before + (time.time() - t0) / 60
+            record = {"epoch": epoch, "step": step + 1, "samples": samples, "minutes": minutes,
+                      "train": {t: v[0] / v[1] for t, v in train_sums.items()}, "val": val, "val_mean": total,
+                      "val_ranking": ranking}
             train_sums = {}
             history.append(record)
-            if total < best:
-                best, endured = total, 0
+            score = -ranking["NDCG@10"] if args.stop_on == "ndcg" else total      # lower is better
+            if score < best:
+                best, endured = score, 0
                 if is_main:
                     save_checkpoint(model, tokenizer, out, {**meta, "best": record}, spm_model)
             else:
                 endured += 1
-            log(f"epoch {epoch} step {step + 1}: val " + " ".join(f"{t} {v:.4f}" for t, v in val.items())
-                + f" | mean {total:.4f} (best {best:.4f}, {endured}/{args.endure_times} without gain)")
+            log(f"epoch {epoch} step {step + 1} ({record['minutes']:.1f} min): val loss "
+                + " ".join(f"{t} {v:.4f}" for t, v in val.items()) + f" | mean {total:.4f}"
+                + "".join(f" | {k} {v:.4f}" for k, v in ranking.items())
+                + f" | best {args.stop_on} {abs(best):.4f}, {endured}/{args.endure_times} without gain")
             if is_main:
                 atomic_write_json(out / "train_log.json", history)
                 plot_curve(history)
@@ -362,6 +408,6 @@ for epoch in range(start_epoch, args.epochs + 1):
     save_state(epoch + 1, 0, rng, best, endured, history)
     last_save = time.time()
 
-log(f"done: best validation loss {best:.4f}; model in {out}")
+log(f"done: best validation {'NDCG@10' if args.stop_on == 'ndcg' else 'loss'} {abs(best):.4f}; model in {out}")
 if world > 1:
     dist.destroy_process_group()

@@ -7,6 +7,7 @@ Batches are single-task, so a 40-token sequential batch is never padded to a 300
 """
 import random
 import re
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +17,12 @@ from module import MAX_WHOLE_WORDS, item_word, user_word
 # --ratio is given in this order (the seed's: explanation : sequential : review summary : top-N)
 TASKS = ("explanation", "sequential", "review", "topn")
 HISTORY_LEN = 20
+# Where the sequential task puts the user's history:
+#   encoder  the history is part of the prompt and one next item is the target (P5 / POD / HDRec);
+#   decoder  the prompt names the user, the decoder reads the history itself (teacher-forced) and every position
+#            predicts the item after it, as SASRec trains: ~7x more targets per beauty sample, and the last item's
+#            embedding reaches the output through the residual stream instead of through cross-attention.
+HISTORY_PLACES = ("encoder", "decoder")
 NUM_CANDIDATES = 100
 ID_WORD = re.compile(r"^(user|item)_\d+$")
 
@@ -26,6 +33,13 @@ TEMPLATES = {
         "given the purchases of {user} : {history} , which item comes next ?",
         "{user} bought {history} in this order . what will the user buy next ?",
         "predict the next item for {user} after {history}",
+    ],
+    # --history decoder: the prompt names the user; the items follow in the decoder
+    "sequential_decoder": [
+        "{user} has purchased these items in this order",
+        "the purchases of {user} , one after the other",
+        "predict each next item {user} buys",
+        "what {user} bought , in order",
     ],
     "topn": [
         "which item should be recommended to {user} among {candidates} ?",
@@ -73,12 +87,16 @@ class WordEncoder:
         wwids.append(0)
         return ids, wwids
 
-    def item_target(self, item):
-        """The decoder target of an item id: its word's cached pieces + eos."""
+    def item_tokens(self, item):
+        """An item id's tokens: its word's cached pieces."""
         word = item_word(item)
         if word not in self.cache:
             self.add([word])
-        return self.cache[word] + [self.eos]
+        return self.cache[word]
+
+    def item_target(self, item):
+        """The decoder target of an item id: its tokens + eos."""
+        return self.item_tokens(item) + [self.eos]
 
     def target(self, text, max_len=None):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -115,8 +133,24 @@ def sample_negatives(rng, num_items, bought, n):
     return out
 
 
-def sequential_sample(ds, user, rng, split="train", **opts):
+class ItemSequence(NamedTuple):
+    """A decoder target of item ids (--history decoder): the decoder reads `items` teacher-forced and the loss
+    counts the last `scored` of them (None: every one). No eos: the sequence goes on after the last item."""
+    items: list
+    scored: int = None
+
+
+def sequential_sample(ds, user, rng, split="train", history="encoder", **opts):
     seq = ds.sequences[user]
+    if history == "decoder":
+        if split == "train":    # a window of up to HISTORY_LEN + 1 training items, every one of them a target
+            train = seq[:-2]
+            end = rng.randint(min(len(train), HISTORY_LEN + 1), len(train))
+            window, template = train[max(0, end - HISTORY_LEN - 1):end], rng.choice(TEMPLATES["sequential_decoder"])
+            return fill(template, user=user), ItemSequence(window)
+        end = len(seq) - (2 if split == "val" else 1)
+        window = seq[max(0, end - HISTORY_LEN):end + 1]
+        return fill(TEMPLATES["sequential_decoder"][0], user=user), ItemSequence(window, scored=1)
     if split == "train":
         train = seq[:-2]
         t = rng.randrange(1, len(train))         # a random window of the training part
@@ -181,7 +215,7 @@ SAMPLERS = {"sequential": sequential_sample, "topn": topn_sample,
 def trainable_users(ds, task, split="train"):
     """Users who can give a sample of `task` in `split`."""
     if task == "sequential":
-        return [u for u in ds.users if len(ds.sequences[u]) >= 4 or split != "train"]   # a window needs 2 items
+        return [u for u in ds.users if len(ds.sequences[u]) >= 4 or split != "train"]   # a target needs a history
     if task == "topn":
         return ds.users
     return [u for u in ds.users if user_records(ds, u, split, task)]
@@ -190,7 +224,8 @@ def trainable_users(ds, task, split="train"):
 # ---------------------------------------------------------------------------------------------------- batching
 
 def collate(encoded, task_id):
-    """encoded: list of (ids, wwids, target_ids) -> padded tensors (labels padded with -100)."""
+    """encoded: list of (ids, wwids, target_ids[, decoder_ids]) -> padded tensors (labels padded with -100).
+    decoder_ids, when samples have them, are the decoder's inputs (else T5 shifts the labels right)."""
     B = len(encoded)
     L = max(len(e[0]) for e in encoded)
     T = max(len(e[2]) for e in encoded)
@@ -198,20 +233,41 @@ def collate(encoded, task_id):
     whole_word_ids = torch.zeros(B, L, dtype=torch.long)
     attention_mask = torch.zeros(B, L, dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
-    for b, (ids, ww, tgt) in enumerate(encoded):
+    decoder = len(encoded[0]) > 3
+    decoder_input_ids = torch.zeros(B, T, dtype=torch.long) if decoder else None
+    for b, (ids, ww, tgt, *dec) in enumerate(encoded):
         input_ids[b, :len(ids)] = torch.tensor(ids)
         whole_word_ids[b, :len(ww)] = torch.tensor(ww)
         attention_mask[b, :len(ids)] = 1
         labels[b, :len(tgt)] = torch.tensor(tgt)
-    return {"input_ids": input_ids, "whole_word_ids": whole_word_ids, "attention_mask": attention_mask,
-            "labels": labels, "task": torch.full((B,), task_id, dtype=torch.long)}
+        if decoder:
+            decoder_input_ids[b, :len(dec[0])] = torch.tensor(dec[0])
+    batch = {"input_ids": input_ids, "whole_word_ids": whole_word_ids, "attention_mask": attention_mask,
+             "labels": labels, "task": torch.full((B,), task_id, dtype=torch.long)}
+    if decoder:
+        batch["decoder_input_ids"] = decoder_input_ids
+    return batch
+
+
+def encode_item_sequence(encoder, target):
+    """An ItemSequence -> (labels, decoder inputs): the items' tokens, unscored ones -100 in the labels; the decoder
+    reads the start token, then every item token but the last."""
+    tokens = [t for i in target.items for t in encoder.item_tokens(i)]
+    labels = list(tokens)
+    if target.scored is not None:
+        unscored = sum(len(encoder.item_tokens(i)) for i in target.items[:len(target.items) - target.scored])
+        labels[:unscored] = [-100] * unscored
+    return labels, [encoder.pad] + tokens[:-1]
 
 
 def encode_samples(encoder, samples, target_len=None):
     out = []
     for words, target in samples:
         ids, ww = encoder.words(words)
-        out.append((ids, ww, encoder.target(target, target_len)))
+        if isinstance(target, ItemSequence):
+            out.append((ids, ww, *encode_item_sequence(encoder, target)))
+        else:
+            out.append((ids, ww, encoder.target(target, target_len)))
     return out
 
 
