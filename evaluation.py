@@ -53,6 +53,8 @@ def load_run(args):
     ds = renumber_items(ds, meta.get("item_map"))
     encoder = tasks.WordEncoder(tokenizer)
     encoder.add(tasks.id_words(ds))
+    if meta.get("item_codes"):
+        encoder.set_item_codes({i: c for i, c in enumerate(meta["item_codes"], 1)})
     return model, tokenizer, meta, ds, encoder, device
 
 
@@ -218,10 +220,16 @@ def write_results(args, name, meta, ds, users, results, started, ranks=None):
     return path
 
 
-def decode_items(tokenizer, sequences, per_user):
-    """Generated token ids -> per-user lists of item ids (None where the text is not a valid id)."""
-    texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
-    items = [parse_item(t) for t in texts]
+def decode_items(tokenizer, sequences, per_user, item_of=None):
+    """Generated token ids -> per-user lists of item ids (None where they are not a valid id). item_of: {token tuple:
+    item} (WordEncoder.item_of_tokens) reads ids and codes directly; other token paths are read as text."""
+    items = []
+    for row in sequences.tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        tokens = tuple(t for t in row if t != tokenizer.pad_token_id)      # the decoder start token is pad
+        item = (item_of or {}).get(tokens)
+        items.append(item if item is not None else parse_item(tokenizer.decode(tokens, skip_special_tokens=True)))
     lists = [items[i:i + per_user] for i in range(0, len(items), per_user)]
     # a repeat (two token paths to one id, or a beam kept alive with nothing left to choose) holds no new item
     return [[item if item not in row[:k] else None for k, item in enumerate(row)] for row in lists]
@@ -279,6 +287,7 @@ def recommend_next(model, tokenizer, encoder, ds, users, protocol="clean", num_b
     if history == "decoder" and max_len == 1 and protocol == "clean":
         return rank_next_items(model, encoder, ds, users, top_k, batch_size, progress, split, exclude_bought)
     rng = random.Random(seed)
+    item_of = encoder.item_of_tokens(ds.num_items)
     lists = []
     for chunk in tqdm(list(batches(users, batch_size)), desc="seq", dynamic_ncols=True, disable=not progress):
         samples = [tasks.sequential_sample(ds, u, rng, split, history) for u in chunk]
@@ -298,7 +307,7 @@ def recommend_next(model, tokenizer, encoder, ds, users, protocol="clean", num_b
         with autocast(device):
             out = model.generate(batch, num_beams=num_beams, num_return_sequences=top_k, max_new_tokens=max_len,
                                  logits_processor=LogitsProcessorList(constraint), **kwargs)
-        lists += decode_items(tokenizer, out[:, start:] if history == "decoder" else out, top_k)
+        lists += decode_items(tokenizer, out[:, start:] if history == "decoder" else out, top_k, item_of)
     return lists
 
 
@@ -344,6 +353,7 @@ def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=
     pop = popularity(ds)
     cooc = cooc_rule(ds, pop)
     task_id = tasks.TASKS.index("topn")
+    item_of = encoder.item_of_tokens(ds.num_items)
     ranks, reference_ranks = [], {}
     for chunk in tqdm(list(batches(users, batch_size)), desc="topn", dynamic_ncols=True, disable=not progress):
         candidates = [tasks.topn_candidates(ds, u, rng, "test") for u in chunk]     # positive first
@@ -352,7 +362,7 @@ def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=
         with autocast(device):
             if protocol == "paper":
                 out = model.generate(batch, num_beams=num_beams, num_return_sequences=top_k)
-                ranks += [rank_of(c[0], items) for c, items in zip(candidates, decode_items(tokenizer, out, top_k))]
+                ranks += [rank_of(c[0], items) for c, items in zip(candidates, decode_items(tokenizer, out, top_k, item_of))]
             else:
                 labels = [[encoder.item_target(i) for i in c] for c in candidates]
                 L = max(len(t) for c in labels for t in c)

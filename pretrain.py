@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 import tasks
 from cooccurrence import cooccurrence, item_vectors
-from dataset import load_dataset, random_item_permutation, renumber_items
+from dataset import DataError, load_dataset, renumber_items
+from item_codes import CODE_SCHEMES, SCHEMES, item_codes, item_map_for, parse_branching
 from evaluation import recommend_next
 from metrics import rank_of, ranking_metrics
 from module import HDRec, SIZES, add_id_tokens, backward_batch, from_scratch_t5, init_item_embeddings, \
@@ -39,6 +40,10 @@ parser.add_argument("--backbone", default=None,
                     help=f"pretrained T5 (hub name or local folder) or a from-scratch size: {', '.join(SIZES)}")
 parser.add_argument("--model_version", type=int, default=0, help="0-4: t5-small ... t5-11b (when no --backbone)")
 parser.add_argument("--vocab_size", type=int, default=8000, help="upper bound for a from-scratch tokenizer")
+parser.add_argument("--recipe", choices=["learn", "paper"], default="learn",
+                    help="the defaults of the flags below: learn (the recipe that learns from the history, README) or "
+                         "paper (POD / HDRec: pieces ids, history in the encoder, published ids, lr 5e-4, early stop "
+                         "on the validation loss); flags given explicitly win")
 parser.add_argument("--id_tokens", choices=["pieces", "atomic"], default="pieces",
                     help="pieces: user_N/item_N split into sub-word pieces marked by whole-word embeddings (P5, POD, "
                          "HDRec); atomic: every id word is one token of its own (a top-N input is ~3x shorter)")
@@ -46,11 +51,17 @@ parser.add_argument("--history", choices=tasks.HISTORY_PLACES, default="decoder"
                     help="where the sequential task reads the user's history: decoder (teacher-forced, every position "
                          "predicts its next item, as SASRec trains; needs --id_tokens atomic) or encoder (in the "
                          "prompt, one target per sample: P5 / POD / HDRec)")
-parser.add_argument("--item_ids", choices=["published", "random"], default="published",
-                    help="random: renumber items by a seeded permutation (removes the id-order leak)")
-parser.add_argument("--item_init", choices=["random", "cooc"], default="random",
+parser.add_argument("--item_ids", choices=SCHEMES, default="random",
+                    help="how items are named (item_codes.py): random (a seeded permutation), sequential (numbered by "
+                         "first appearance in the training parts), collaborative / semantic (hierarchical codes from "
+                         "the co-occurrence graph / the item text), or published (the dataset's ids, which leak the "
+                         "order of first appearance)")
+parser.add_argument("--code_branching", default="64,64",
+                    help="collaborative / semantic codes: clusters per level (plus one last token per leaf item)")
+parser.add_argument("--item_init", choices=["auto", "random", "cooc"], default="random",
                     help="cooc: item embeddings start from PPMI-SVD vectors of the items bought together in the "
-                         "training parts (needs --id_tokens atomic); random: the backbone's initialisation (paper)")
+                         "training parts (needs one token per item: --id_tokens atomic, a numbered --item_ids); "
+                         "random: the backbone's initialisation (paper); auto: cooc where possible")
 parser.add_argument("--task_num", type=int, default=4)
 parser.add_argument("--prompt_num", type=int, default=3, help="learned prompt vectors per task")
 parser.add_argument("--ratio", default="1:1:1:3", help="explanation:sequential:review:top-N samples per user")
@@ -82,6 +93,12 @@ parser.add_argument("--micro_batch_tokens", type=int, default=-1,
                          "on GPU; 0: whole batches)")
 parser.add_argument("--log_interval", type=int, default=200)
 parser.add_argument("--seed", type=int, default=1)
+# --recipe sets the defaults; what the command line says explicitly wins
+RECIPES = {"learn": dict(id_tokens="atomic", history="decoder", item_ids="random", item_init="auto", lr=1e-3,
+                         stop_on="ndcg"),
+           "paper": dict(id_tokens="pieces", history="encoder", item_ids="published", item_init="random", lr=5e-4,
+                         stop_on="loss")}
+parser.set_defaults(**RECIPES[parser.parse_known_args()[0].recipe])
 args = parser.parse_args()
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -99,6 +116,11 @@ ratio = [int(x) for x in args.ratio.split(":")]
 if len(ratio) != len(tasks.TASKS) or min(ratio) < 0 or sum(ratio) == 0:
     raise SystemExit(f"--ratio needs {len(tasks.TASKS)} non-negative integers ({':'.join(tasks.TASKS)}), "
                      f"got {args.ratio!r}")
+if args.item_init == "auto":
+    args.item_init = "cooc" if args.id_tokens == "atomic" and args.item_ids not in CODE_SCHEMES else "random"
+if args.item_ids in CODE_SCHEMES and (args.id_tokens != "atomic" or args.item_init == "cooc"):
+    raise SystemExit(f"--item_ids {args.item_ids} gives every code level tokens of its own: it needs --id_tokens "
+                     "atomic, and --item_init random (there is no one embedding row per item to start)")
 if args.history == "decoder" and args.id_tokens != "atomic":
     raise SystemExit("--history decoder reads items one after another in the decoder: it needs --id_tokens atomic "
                      "(sub-word pieces of one id can be the start of another); the paper's setting is --history encoder")
@@ -137,12 +159,21 @@ def agreed(flag):
 ds = load_dataset(args.data_dir, log=log) if is_main else None
 barrier()                       # rank 0 may have written negative.txt
 ds = ds or load_dataset(args.data_dir, log=log)
+codes = None
 if resuming:
     state = json.loads(state_json.read_text())
     item_map = state["item_map"]
     log(f"resuming from {out} at epoch {state['epoch']} step {state['step']}")
 else:
-    item_map = random_item_permutation(ds.num_items, args.seed) if args.item_ids == "random" else None
+    item_map = item_map_for(args.item_ids, ds, args.seed)
+    if args.item_ids in CODE_SCHEMES:      # built on the dataset's own ids (titles are keyed by them), then renumbered
+        try:
+            codes = item_codes(args.item_ids, ds, parse_branching(args.code_branching), args.seed, log)
+        except DataError as e:
+            raise SystemExit(f"error: {e}") from None
+        codes = {item_map[i]: c for i, c in codes.items()}
+        log(f"{args.item_ids} codes: {len(set(c[:-1] for c in codes.values()))} leaves, "
+            f"{max(len(c) for c in codes.values())} tokens an item")
 ds = renumber_items(ds, item_map)
 for task, share in zip(tasks.TASKS, ratio):
     if share and not tasks.trainable_users(ds, task):
@@ -166,7 +197,7 @@ elif backbone in SIZES:
         log(f"training a SentencePiece tokenizer on {args.data_dir} (vocab <= {args.vocab_size}, {args.id_tokens} ids)")
         atomic = args.id_tokens == "atomic"
         tokenizer, spm_model = train_tokenizer(tasks.tokenizer_corpus(ds, args.seed, ids=not atomic), args.vocab_size,
-                                               tasks.id_words(ds) if atomic else None)
+                                               tasks.id_words(ds, codes) if atomic else None)
         tokenizer.save_pretrained(tok_dir)
         (tok_dir / "spm.model").write_bytes(spm_model)
     barrier()
@@ -177,7 +208,7 @@ elif backbone in SIZES:
     model = HDRec(t5, args.task_num, args.prompt_num, args.seed)
 else:
     t5, tokenizer = load_pretrained(backbone)
-    if args.id_tokens == "atomic" and add_id_tokens(tokenizer, tasks.id_words(ds)):
+    if args.id_tokens == "atomic" and add_id_tokens(tokenizer, tasks.id_words(ds, codes)):
         t5.resize_token_embeddings(len(tokenizer))
     model = HDRec(t5, args.task_num, args.prompt_num, args.seed)
 if not resuming:
@@ -197,6 +228,7 @@ if device.type == "cpu" and world > 1:
 meta = meta if resuming else {
     "task_num": args.task_num, "prompt_num": args.prompt_num, "tasks": list(tasks.TASKS), "ratio": ratio,
     "backbone": backbone, "id_tokens": args.id_tokens, "history": args.history, "item_ids": args.item_ids, "item_map": item_map,
+    "item_codes": codes and [list(codes[i]) for i in range(1, ds.num_items + 1)],
     "seed": args.seed, "data_dir": str(args.data_dir), "data_hashes": ds.hashes, "args": vars(args),
     "versions": versions()}
 n_params = sum(p.numel() for p in model.parameters())
@@ -205,7 +237,9 @@ log(f"backbone {backbone}: {n_params / 1e6:.1f}M parameters, vocab {len(tokenize
 
 encoder = tasks.WordEncoder(tokenizer)
 encoder.add(tasks.id_words(ds))
-if args.history == "decoder":      # item-sequence targets: cross-entropy over the item tokens alone
+if meta.get("item_codes"):
+    encoder.set_item_codes({i: c for i, c in enumerate(meta["item_codes"], 1)})
+if args.history == "decoder" and not meta.get("item_codes"):   # one token an item: cross-entropy over items alone
     model.set_item_tokens([encoder.item_tokens(i)[0] for i in range(1, ds.num_items + 1)])
 ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)

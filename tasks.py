@@ -87,6 +87,17 @@ class WordEncoder:
         wwids.append(0)
         return ids, wwids
 
+    def set_item_codes(self, codes):
+        """--item_ids collaborative|semantic: the word item_N stands for its code's tokens (added to the tokenizer
+        beforehand). codes: {item: code tuple}."""
+        from item_codes import code_tokens
+        for item, code in codes.items():
+            self.cache[item_word(item)] = self.tokenizer.convert_tokens_to_ids(code_tokens(code))
+
+    def item_of_tokens(self, num_items):
+        """{token tuple: item} for items 1..num_items, to read generated ids back."""
+        return {tuple(self.item_tokens(i)): i for i in range(1, num_items + 1)}
+
     def item_tokens(self, item):
         """An item id's tokens: its word's cached pieces."""
         word = item_word(item)
@@ -298,9 +309,15 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def id_words(ds):
-    """Every id word of the dataset: items first, then users."""
-    return [item_word(i) for i in range(1, ds.num_items + 1)] + [user_word(u) for u in ds.users]
+def id_words(ds, codes=None):
+    """Every word that becomes a token of its own with atomic ids: the items (or, with item codes, every code token)
+    first, then the users."""
+    if codes:
+        from item_codes import code_tokens
+        items = list(dict.fromkeys(t for i in sorted(codes) for t in code_tokens(codes[i])))
+    else:
+        items = [item_word(i) for i in range(1, ds.num_items + 1)]
+    return items + [user_word(u) for u in ds.users]
 
 
 def tokenizer_corpus(ds, seed=1, max_users=None, ids=True):

@@ -7,6 +7,8 @@ from the PixelRec layout (ROOT/dataset/<name>.csv with item_id,user_id,timestamp
 Item text, best first (`--item_text auto` picks the first that exists):
   meta       title / brand / tag / description from an item metadata file: Amazon meta_*.json(.gz) lines keyed by
              asin, or PixelRec information/<name>.csv (item_id,title,tag,description);
+  titles     item_titles.json in the dataset dir ({item id: product title}, as ../shared/data/p5/{dataset}/ has);
+             items it names no title for take their review text (summary) where they have one;
   rationale  the distilled item_attribution + item_audience of the item's reviews (explanation_rationale.json);
   summary    the item's review summaries: review_summary, else the raw `summary` field, else the review sentence.
 Review-based text only uses reviews of training interactions: a user's validation and test reviews would leak the
@@ -23,7 +25,8 @@ from dataset import Dataset, DataError, load_datamaps, load_explanations, load_s
 from utils import file_sha256
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TEXT_SOURCES = ("auto", "meta", "rationale", "summary")
+TEXT_SOURCES = ("auto", "meta", "titles", "rationale", "summary")
+TITLES_FILE = "item_titles.json"
 MAX_TEXT_CHARS = 2000  # item text is cut to a few hundred tokens later anyway
 
 
@@ -193,6 +196,27 @@ RATIONALE_FIELDS = [("item_attribution", "item_audience")]
 SUMMARY_FIELDS = [("review_summary",), ("summary",), ("explanation",)]
 
 
+def read_titles(path, id2item):
+    """item_titles.json -> {item id: title}; every key must be an item of datamaps.json, every title a non-empty
+    string (the error names the file and the first bad id)."""
+    from dataset import read_json
+    titles = read_json(path)
+    if not isinstance(titles, dict):
+        raise DataError(f"{path}: expected a JSON object {{item id: title}}")
+    out = {}
+    for key, title in titles.items():
+        try:
+            item = int(key)
+        except ValueError:
+            raise DataError(f"{path}: item id {key!r} is not an integer") from None
+        if item not in id2item:
+            raise DataError(f"{path}: item {key} is not in datamaps.json (does the file belong to this dataset?)")
+        if not isinstance(title, str) or not title.strip():
+            raise DataError(f"{path}: item {key} has no title (expected a non-empty string)")
+        out[item] = _clean(title)[:MAX_TEXT_CHARS]
+    return out
+
+
 def item_texts(ds, source="auto", item_meta=None, log=print):
     """{item id: text} for items 1..num_items, the source used, and how many items fell back to their raw id."""
     if source not in TEXT_SOURCES:
@@ -208,6 +232,18 @@ def item_texts(ds, source="auto", item_meta=None, log=print):
         by_key = read_item_meta(item_meta)
         texts = {i: by_key[str(raw)] for i, raw in ds.id2item.items() if by_key.get(str(raw))}
         source = "meta"
+    elif source == "titles" or (source == "auto" and (Path(ds.data_dir) / TITLES_FILE).exists()):
+        if getattr(ds, "item_map", None) is not None:
+            raise ValueError("item titles are keyed by the dataset's own item ids: read them before renumbering")
+        texts = read_titles(Path(ds.data_dir) / TITLES_FILE, ds.id2item)
+        untitled = len([i for i in range(1, ds.num_items + 1) if i not in texts])
+        reviews = _texts_from_reviews(_review_records(ds)[1], SUMMARY_FIELDS) if untitled else {}
+        filled = {i: t for i, t in reviews.items() if i not in texts}
+        texts.update(filled)
+        if untitled:
+            log(f"item text (titles): {untitled} of {ds.num_items} items have no title; {len(filled)} of them take "
+                "their review text")
+        source = "titles"
     else:
         path, records = _review_records(ds)
         if source in ("rationale", "auto"):
