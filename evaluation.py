@@ -80,14 +80,20 @@ def popularity(ds):
     return Counter(i for u in ds.users for i in ds.train_items(u))
 
 
-def popular_next(ds, user, pop_order, k=10):
-    bought = set(ds.sequences[user][:-1])
+def history_before(ds, user, split="test"):
+    """The user's items before the `split` item (test: all but the last; val: all but the last two)."""
+    return ds.sequences[user][:-1] if split == "test" else ds.sequences[user][:-2]
+
+
+def popular_next(ds, user, pop_order, k=10, split="test"):
+    bought = set(history_before(ds, user, split))
     return list(islice((i for i in pop_order if i not in bought), k))
 
 
-def next_ids(ds, user, k=10):
-    bought = set(ds.sequences[user][:-1])
-    out, i = [], max(ds.sequences[user][:-1]) + 1
+def next_ids(ds, user, k=10, split="test"):
+    history = history_before(ds, user, split)
+    bought = set(history)
+    out, i = [], max(history) + 1
     while len(out) < k and i <= ds.num_items:
         if i not in bought:
             out.append(i)
@@ -96,18 +102,18 @@ def next_ids(ds, user, k=10):
 
 
 def cooc_rule(ds, pop):
-    """The co-occurrence rule as user -> every item's score. Popularity, scaled below the smallest co-occurrence
-    weight, breaks ties: a user whose last items co-occur with nothing gets the most-popular list."""
+    """The co-occurrence rule as (user, split) -> every item's score. Popularity, scaled below the smallest
+    co-occurrence weight, breaks ties: a user whose last items co-occur with nothing gets the most-popular list."""
     counts = cooccurrence(ds)
     tie_break = np.array([pop.get(i, 0) for i in range(ds.num_items + 1)], dtype=float)
     tie_break *= 1e-3 / (tie_break.max() + 1)
-    return lambda user: cooc_scores(counts, ds.sequences[user][:-1]) + tie_break
+    return lambda user, split="test": cooc_scores(counts, history_before(ds, user, split)) + tie_break
 
 
-def cooc_next(ds, user, cooc, k=10):
-    scores = cooc(user)
+def cooc_next(ds, user, cooc, k=10, split="test"):
+    scores = cooc(user, split)
     scores[0] = -np.inf
-    scores[list(set(ds.sequences[user][:-1]))] = -np.inf
+    scores[list(set(history_before(ds, user, split)))] = -np.inf
     return np.argsort(-scores, kind="stable")[:k].tolist()
 
 
@@ -124,20 +130,22 @@ def popularity_order(ds, pop):
                                                       key=lambda i: -rest.get(i, 0))
 
 
-def reference_lists(ds, users, k=10):
-    """{rule: top-k lists} of the no-training rules for each user's test step."""
+def reference_lists(ds, users, k=10, split="test"):
+    """{rule: top-k lists} of the no-training rules for each user's `split` step (popularity and co-occurrence are
+    always counted on the training parts)."""
     pop = popularity(ds)
     pop_order, recent_order = popularity_order(ds, pop), popularity_order(ds, recent_popularity(ds))
     cooc = cooc_rule(ds, pop)
-    return {"most_popular": [popular_next(ds, u, pop_order, k) for u in users],
-            "recent_popular": [popular_next(ds, u, recent_order, k) for u in users],
-            "co_occurrence": [cooc_next(ds, u, cooc, k) for u in users],
-            "max_history_plus_1": [next_ids(ds, u, k) for u in users]}
+    return {"most_popular": [popular_next(ds, u, pop_order, k, split) for u in users],
+            "recent_popular": [popular_next(ds, u, recent_order, k, split) for u in users],
+            "co_occurrence": [cooc_next(ds, u, cooc, k, split) for u in users],
+            "max_history_plus_1": [next_ids(ds, u, k, split) for u in users]}
 
 
-def reference_sequential(ds, users, k=10):
-    return {rule: ranking_metrics(rank_of(ds.test_item(u), items) for u, items in zip(users, lists))
-            for rule, lists in reference_lists(ds, users, k).items()}
+def reference_sequential(ds, users, k=10, split="test"):
+    target = ds.test_item if split == "test" else ds.val_item
+    return {rule: ranking_metrics(rank_of(target(u), items) for u, items in zip(users, lists))
+            for rule, lists in reference_lists(ds, users, k, split).items()}
 
 
 def personalisation(lists, popular_lists, num_items):
@@ -173,21 +181,26 @@ def input_sensitivity(rank_fn, ds, users, n=500, seed=1):
     return float(np.mean([a != b for a, b in zip(before, after)]))
 
 
-PERSONALISATION_WARNING = 0.5     # fewer distinct lists than this share of users: the model barely personalises
-
-
-def personalisation_warning(figures):
-    if figures["distinct_lists"] < PERSONALISATION_WARNING or figures.get("input_sensitivity", 1) < PERSONALISATION_WARNING:
-        return (f"WARNING: the model's lists barely depend on the user: {figures['distinct_lists']:.1%} distinct lists, "
-                f"{figures.get('input_sensitivity', float('nan')):.1%} change when the history is swapped")
+def personalisation_warning(figures, history_rule=None):
+    """A loud line when the model's lists barely depend on the user: fewer than half of them change when the
+    history is swapped, or fewer distinct lists than half the share a history-driven rule (co-occurrence) makes on
+    the same users (a small catalogue allows few distinct lists, so the share alone says little)."""
+    sensitivity = figures.get("input_sensitivity", 1.0)
+    floor = 0.5 * (history_rule or {}).get("distinct_lists", 1.0)
+    if sensitivity < 0.5 or figures["distinct_lists"] < floor:
+        return (f"WARNING: the model's lists barely depend on the user: {figures['distinct_lists']:.1%} distinct lists "
+                f"(co-occurrence: {2 * floor:.1%}), {sensitivity:.1%} change when the history is swapped")
     return None
 
 
-def topn_reference_scores(ds, user, candidates, pop, cooc):
-    """Scores of the reference rules for one user's candidates (higher = ranked first); cooc: cooc_rule(ds, pop)."""
+def topn_reference_scores(ds, user, candidates, pop, cooc, recent=None):
+    """Scores of the reference rules for one user's candidates (higher = ranked first); cooc: cooc_rule(ds, pop);
+    recent: recent_scores(ds, pop)."""
     top = max(ds.sequences[user][:-1])
     item_scores = cooc(user)
+    recent = recent or recent_scores(ds, pop)
     return {"most_popular": [pop.get(c, 0) for c in candidates],
+            "recent_popular": [recent[c] for c in candidates],
             "co_occurrence": [float(item_scores[c]) for c in candidates],
             "max_history_plus_1": [(ds.num_items + 1 - c) if c > top else 0 for c in candidates]}
 
@@ -345,37 +358,59 @@ def rank_next_items(model, encoder, ds, users, top_k=10, batch_size=32, progress
 
 
 def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=20, top_k=10, batch_size=32, seed=1,
-              progress=True):
-    """Rank of each user's test item among its 100 candidates (None: not in the generated top-k, paper protocol),
-    and the ranks the reference rules give on the same candidates."""
+              progress=True, history="encoder", history_ds=None):
+    """Each user's test item among its 100 candidates: its rank (None: not in the generated top-k, paper protocol),
+    the model's top-k candidates, and the ranks the reference rules give on the same candidates.
+    history="decoder": the decoder reads the user's history before the candidate (from history_ds's sequences when
+    given: a copy with swapped histories measures how much the lists depend on them; candidates stay the user's)."""
     device = model.device
     rng = random.Random(seed)
     pop = popularity(ds)
+    recent = recent_scores(ds, pop)
     cooc = cooc_rule(ds, pop)
     task_id = tasks.TASKS.index("topn")
     item_of = encoder.item_of_tokens(ds.num_items)
-    ranks, reference_ranks = [], {}
+    ranks, lists, reference_ranks = [], [], {}
     for chunk in tqdm(list(batches(users, batch_size)), desc="topn", dynamic_ncols=True, disable=not progress):
         candidates = [tasks.topn_candidates(ds, u, rng, "test") for u in chunk]     # positive first
         samples = [tasks.topn_sample(ds, u, rng, "test", c) for u, c in zip(chunk, candidates)]
         batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), task_id), device)
+        prefix = {}
+        if history == "decoder":
+            prefix = dict(zip(("decoder_prefix", "prefix_mask"),
+                              decoder_prefixes(encoder, history_ds or ds, chunk, "test", device)))
         with autocast(device):
             if protocol == "paper":
-                out = model.generate(batch, num_beams=num_beams, num_return_sequences=top_k)
-                ranks += [rank_of(c[0], items) for c, items in zip(candidates, decode_items(tokenizer, out, top_k, item_of))]
+                kwargs = {"decoder_input_ids": prefix["decoder_prefix"],
+                          "decoder_attention_mask": prefix["prefix_mask"]} if prefix else {}
+                out = model.generate(batch, num_beams=num_beams, num_return_sequences=top_k, **kwargs)
+                if prefix:
+                    out = out[:, prefix["decoder_prefix"].shape[1]:]
+                generated = decode_items(tokenizer, out, top_k, item_of)
+                ranks += [rank_of(c[0], items) for c, items in zip(candidates, generated)]
+                lists += generated
             else:
-                labels = [[encoder.item_target(i) for i in c] for c in candidates]
+                eos = history == "encoder"       # in the decoder an item is followed by the next one, not by eos
+                labels = [[encoder.item_target(i) if eos else encoder.item_tokens(i) for i in c] for c in candidates]
                 L = max(len(t) for c in labels for t in c)
                 label_tensor = torch.full((len(chunk), len(candidates[0]), L), -100, dtype=torch.long)
                 for b, c in enumerate(labels):
                     for j, t in enumerate(c):
                         label_tensor[b, j, :len(t)] = torch.tensor(t)
-                scores = model.score_candidates(batch, label_tensor.to(device)).cpu()
+                scores = model.score_candidates(batch, label_tensor.to(device), **prefix).cpu()
                 ranks += [rank_by_score(s.tolist(), 0) for s in scores]
+                order = scores.argsort(dim=1, descending=True, stable=True)[:, :top_k]
+                lists += [[c[j] for j in row] for c, row in zip(candidates, order.tolist())]
         for u, c in zip(chunk, candidates):
-            for rule, s in topn_reference_scores(ds, u, c, pop, cooc).items():
+            for rule, s in topn_reference_scores(ds, u, c, pop, cooc, recent).items():
                 reference_ranks.setdefault(rule, []).append(rank_by_score(s, 0))
-    return ranks, reference_ranks
+    return ranks, lists, reference_ranks
+
+
+def topn_popular_lists(ds, users, top_k=10):
+    """Each user's test candidates ordered by training popularity: the most-popular rule's top-N lists."""
+    pop = popularity(ds)
+    return [sorted([ds.test_item(u)] + ds.negatives[u], key=lambda i: -pop.get(i, 0))[:top_k] for u in users]
 
 
 def autocast(device):

@@ -195,17 +195,22 @@ class HDRec(nn.Module):
         return torch.log_softmax(out.logits[:, -1].float(), -1)
 
     @torch.no_grad()
-    def score_candidates(self, batch, candidate_labels):
-        """Sequence log-likelihood log p(candidate | input) for every candidate of every sample.
-        candidate_labels: (B, C, L) token ids padded with -100; returns (B, C).
-        The encoder and the first decoder step (which every candidate shares) run once per sample. The later steps run
-        once per candidate, over the sample's cached keys and values expanded to its C candidates as stride-0 views:
-        the cross-attention cache, the largest part, is never copied."""
+    def score_candidates(self, batch, candidate_labels, decoder_prefix=None, prefix_mask=None):
+        """Sequence log-likelihood log p(candidate | input[, decoder prefix]) for every candidate of every sample.
+        candidate_labels: (B, C, L) token ids padded with -100; returns (B, C). decoder_prefix / prefix_mask: what the
+        decoder reads before the candidate (--history decoder: [start] + the history, left-padded); default [start].
+        The encoder and the prefix (which every candidate shares) run once per sample. The later steps run once per
+        candidate, over the sample's cached keys and values expanded to its C candidates as stride-0 views: the
+        cross-attention cache, the largest part, is never copied."""
         encoder_outputs, mask = self.encode(batch)
         hidden = encoder_outputs.last_hidden_state
         B, C, L = candidate_labels.shape
-        start = torch.full((B, 1), self.t5.config.decoder_start_token_id, dtype=torch.long, device=self.device)
-        first = self.t5(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=start, use_cache=True)
+        if decoder_prefix is None:
+            decoder_prefix = torch.full((B, 1), self.t5.config.decoder_start_token_id, dtype=torch.long,
+                                        device=self.device)
+            prefix_mask = torch.ones_like(decoder_prefix)
+        first = self.t5(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=decoder_prefix,
+                        decoder_attention_mask=prefix_mask, use_cache=True)
         first_logp = torch.log_softmax(first.logits[:, -1].float(), -1)                       # (B, V)
         labels = candidate_labels.clamp(min=0)
         scores = first_logp.gather(1, labels[:, :, 0])                                        # (B, C)
@@ -216,9 +221,11 @@ class HDRec(nn.Module):
             for b in range(B):
                 for layer, (k, v) in zip(layers, shared):   # a fresh self-attention cache each time: it grows
                     layer.keys, layer.values = k[b:b + 1].expand(C, -1, -1, -1), v[b:b + 1].expand(C, -1, -1, -1)
+                steps_mask = torch.cat([prefix_mask[b:b + 1].expand(C, -1),
+                                        prefix_mask.new_ones(C, L - 1)], dim=1)
                 rest = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden[b:b + 1].expand(C, -1, -1)),
                                attention_mask=mask[b:b + 1].expand(C, -1), decoder_input_ids=labels[b, :, :-1],
-                               past_key_values=cache, use_cache=True)
+                               decoder_attention_mask=steps_mask, past_key_values=cache, use_cache=True)
                 logp = torch.log_softmax(rest.logits.float(), -1).gather(-1, labels[b, :, 1:].unsqueeze(-1))
                 scores[b] += (logp.squeeze(-1) * (candidate_labels[b, :, 1:] != -100)).sum(-1)
         return scores

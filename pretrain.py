@@ -26,7 +26,7 @@ import tasks
 from cooccurrence import cooccurrence, item_vectors
 from dataset import DataError, load_dataset, renumber_items
 from item_codes import CODE_SCHEMES, SCHEMES, item_codes, item_map_for, parse_branching
-from evaluation import recommend_next
+from evaluation import recommend_next, reference_sequential
 from metrics import rank_of, ranking_metrics
 from module import HDRec, SIZES, add_id_tokens, backward_batch, from_scratch_t5, init_item_embeddings, \
     load_checkpoint, load_pretrained, resolve_backbone, set_dropout, save_checkpoint, train_tokenizer
@@ -270,6 +270,13 @@ rank_users = []
 if args.rank_users and "sequential" in val_tasks:
     able = tasks.trainable_users(ds, "sequential")
     rank_users = sorted(random.Random(f"{args.seed}-rank").sample(able, min(args.rank_users, len(able))))
+# the reference rules on the same users, for the learning curve (popularity, co-occurrence: training parts only)
+reference_ranking = {rule: figures for rule, figures in
+                     reference_sequential(ds, rank_users, 10, "val").items() if rule != "max_history_plus_1"} \
+    if rank_users and is_main else {}
+if reference_ranking:
+    log(f"validation ranking of {len(rank_users)} users, reference rules: " + ", ".join(
+        f"{rule} HR@10 {f['HR@10']:.4f} NDCG@10 {f['NDCG@10']:.4f}" for rule, f in reference_ranking.items()))
 if args.stop_on == "ndcg" and not rank_users:
     raise SystemExit("--stop_on ndcg needs ranked validation users: the sequential task in --ratio and --rank_users > 0 "
                      "(or use --stop_on loss)")
@@ -351,18 +358,35 @@ def load_state():
 
 
 def plot_curve(history):
+    """curve.png: validation and training loss per task, and (with --rank_users) validation HR@10 / NDCG@10 of the
+    ranked users, against training minutes, beside the reference rules on the same users."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = [h["samples"] for h in history]
+    ranked = bool(history[0].get("val_ranking"))
+    fig, axes = plt.subplots(1, 2 if ranked else 1, figsize=(12 if ranked else 7, 4), squeeze=False)
+    x = [h["minutes"] for h in history]
+    ax = axes[0][0]
     for task in history[0]["val"]:
-        ax.plot(x, [h["val"][task] for h in history], marker="o", label=f"val {task}")
-        ax.plot(x, [h["train"].get(task, math.nan) for h in history], linestyle="--", label=f"train {task}")
-    ax.set_xlabel("training samples")
-    ax.set_ylabel("token cross-entropy")
-    ax.set_title(f"{Path(args.data_dir).name}: {backbone}, ratio {args.ratio}")
+        line, = ax.plot(x, [h["val"][task] for h in history], marker="o", label=f"val {task}")
+        ax.plot(x, [h["train"].get(task, math.nan) for h in history], linestyle="--", color=line.get_color(),
+                label=f"train {task}")
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("cross-entropy")
     ax.legend(fontsize=8)
+    if ranked:
+        ax = axes[0][1]
+        for metric, style in (("HR@10", "-"), ("NDCG@10", "--")):
+            ax.plot(x, [h["val_ranking"][metric] for h in history], marker="o", linestyle=style, color="black",
+                            label=f"model {metric}")
+            for (rule, figures), colour in zip(reference_ranking.items(), ("grey", "tab:orange", "tab:green")):
+                ax.axhline(figures[metric], color=colour, linestyle=style, linewidth=1,
+                           label=f"{rule} {metric}")
+        ax.set_xlabel("training minutes")
+        ax.set_title(f"validation ranking, {len(rank_users)} users", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{Path(args.data_dir).name}: {backbone}, ratio {args.ratio}, history in the {args.history}, "
+                 f"{args.item_ids} ids", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "curve.png.tmp.png", dpi=100)
     plt.close(fig)
@@ -420,6 +444,7 @@ for epoch in range(start_epoch, args.epochs + 1):
                     save_checkpoint(model, tokenizer, out, {**meta, "best": record}, spm_model)
             else:
                 endured += 1
+            record["reference_ranking"] = reference_ranking
             log(f"epoch {epoch} step {step + 1} ({record['minutes']:.1f} min): val loss "
                 + " ".join(f"{t} {v:.4f}" for t, v in val.items()) + f" | mean {total:.4f}"
                 + "".join(f" | {k} {v:.4f}" for k, v in ranking.items())

@@ -44,7 +44,7 @@ if args.sensitivity_users:
 print_table(rows, f"sequential, {len(users)} users, item ids {meta.get('item_ids', 'published')}, "
                   f"{args.num_beams} beams, {speed:.1f} users/s")
 print_table(personal, "how personal the top-10 lists are")
-warning = personalisation_warning(personal[model_name])
+warning = personalisation_warning(personal[model_name], personal["co_occurrence"])
 if warning:
     print("\n" + warning)
 quality = list_quality(lists, ds, users, ds.num_items)

@@ -172,22 +172,36 @@ def sequential_sample(ds, user, rng, split="train", history="encoder", **opts):
     return fill(template, user=user, history=history), item_word(target)
 
 
-def topn_candidates(ds, user, rng, split, negative_num=NUM_CANDIDATES - 1):
-    """The positive first, then items the user never bought (the published negatives at test time)."""
+def topn_candidates(ds, user, rng, split, negative_num=NUM_CANDIDATES - 1, position=None):
+    """The positive first, then items the user never bought (the published negatives at test time). In training the
+    positive is the item at `position` of the user's sequence, or a random training item."""
     seq = ds.sequences[user]
     if split == "test":
         return [seq[-1]] + ds.negatives[user]
-    positive = rng.choice(seq[:-2]) if split == "train" else seq[-2]
+    if split == "train":
+        positive = seq[position] if position is not None else rng.choice(seq[:-2])
+    else:
+        positive = seq[-2]
     n = min(negative_num, len(ds.negatives[user]))   # a small catalogue has fewer (see dataset.load_dataset)
     return [positive] + sample_negatives(rng, ds.num_items, set(seq), n)
 
 
-def topn_sample(ds, user, rng, split="train", candidates=None, negative_num=NUM_CANDIDATES - 1, **opts):
-    candidates = candidates or topn_candidates(ds, user, rng, split, negative_num)
+def topn_sample(ds, user, rng, split="train", candidates=None, negative_num=NUM_CANDIDATES - 1, history="encoder",
+                **opts):
+    """--history decoder: the decoder reads the history before the positive (unscored) and then the positive."""
+    seq = ds.sequences[user]
+    end = {"train": None, "val": len(seq) - 2, "test": len(seq) - 1}[split]
+    if history == "decoder" and split == "train":
+        end = rng.randrange(len(seq) - 2)           # a training position: the positive, after its own history
+    if candidates is None:
+        candidates = topn_candidates(ds, user, rng, split, negative_num, end if split == "train" else None)
     shown = list(candidates)
     rng.shuffle(shown)                            # a copy: the caller's list keeps the positive first
     template = rng.choice(TEMPLATES["topn"]) if split == "train" else TEMPLATES["topn"][0]
-    return fill(template, user=user, candidates=shown), item_word(candidates[0])
+    words = fill(template, user=user, candidates=shown)
+    if history == "decoder":
+        return words, ItemSequence(seq[max(0, end - HISTORY_LEN):end] + [candidates[0]], scored=1)
+    return words, item_word(candidates[0])
 
 
 # The text tasks read review records (explanation.json, or explanation_rationale.json after distillation).
