@@ -66,6 +66,11 @@ parser.add_argument("--task_num", type=int, default=4)
 parser.add_argument("--prompt_num", type=int, default=3, help="learned prompt vectors per task")
 parser.add_argument("--ratio", default="1:1:1:3", help="explanation:sequential:review:top-N samples per user")
 parser.add_argument("--lr", type=float, default=5e-4)
+parser.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up over this many steps")
+parser.add_argument("--lr_decay", choices=["none", "linear"], default="none",
+                    help="linear: the learning rate falls linearly to 0 at the end of --epochs (after the warm-up)")
+parser.add_argument("--weight_decay", type=float, default=0.01,
+                    help="AdamW's decoupled weight decay (torch's default, as POD), not applied to norm weights")
 parser.add_argument("--dropout", type=float, default=0.1, help="the backbone's dropout rate (T5's: 0.1)")
 parser.add_argument("--epochs", type=int, default=100)
 parser.add_argument("--batch_size", type=int, default=64)
@@ -242,7 +247,20 @@ if meta.get("item_codes"):
 if args.history == "decoder" and not meta.get("item_codes"):   # one token an item: cross-entropy over items alone
     model.set_item_tokens([encoder.item_tokens(i)[0] for i in range(1, ds.num_items + 1)])
 ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+# no weight decay on the norm weights (1-d): decaying them towards 0 only fights the normalisation
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() > 1], "weight_decay": args.weight_decay},
+                               {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}], lr=args.lr)
+
+
+def lr_at(step, steps_per_epoch):
+    """The learning rate at global step `step` (0-based): warm-up, then constant or a linear fall to 0 at the end of
+    --epochs. A function of the step alone, so a resumed run follows the same schedule."""
+    factor = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    if args.lr_decay == "linear":
+        total = args.epochs * steps_per_epoch
+        factor *= max(0.0, (total - step) / max(1, total - args.warmup_steps)) if step >= args.warmup_steps else 1.0
+    return args.lr * factor
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 micro_batch_tokens = args.micro_batch_tokens if args.micro_batch_tokens >= 0 else \
     (2560 if device.type == "cpu" else 0)
@@ -419,6 +437,8 @@ for epoch in range(start_epoch, args.epochs + 1):
         optimizer.zero_grad(set_to_none=True)
         loss = backward_batch(ddp_model, batch, micro_batch_tokens, autocast, ddp_model.no_sync if world > 1 else None)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at((epoch - 1) * len(plan) + step, len(plan))
         optimizer.step()
         samples += len(users) * world
         s = train_sums.setdefault(task, [0.0, 0])

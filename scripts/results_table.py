@@ -11,9 +11,15 @@ print(f"\nresults in {ckpt}")
 for f in files:
     r = json.loads(f.read_text())
     where = f"{r['task']} ({r['protocol']}, {r['users']} users, item ids {r['item_ids']})"
+    personal = r["results"].get("personalisation", {})
+    if personal and not isinstance(next(iter(personal.values())), dict):      # top-N: the model's figures only
+        personal = {next(iter(r["results"])): personal}
     for name, row in r["results"].items():
-        if isinstance(row, dict) and name != "list_quality":
+        if isinstance(row, dict) and name not in ("list_quality", "personalisation"):
             scale = 100 if r["task"] in ("seq", "topn") else 1
             cells = "  ".join(f"{k} {v * scale:6.2f}" for k, v in row.items())
-            print(f"{where:<48} {name:<26} {cells}")
-print("(HR/NDCG x100; BLEU/ROUGE x100 by definition; FMR, FCR, DIV as fractions)")
+            extra = "  ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in personal.get(name, {}).items())
+            print(f"{where:<48} {name:<26} {cells}" + (f"  | {extra}" if extra else ""))
+print("(HR/NDCG x100; BLEU/ROUGE x100 by definition; FMR, FCR, DIV as fractions; after |: how personal the lists are, "
+      "as shares: distinct lists, item coverage, overlap with the most-popular list, lists that change when the "
+      "history is swapped)")
