@@ -193,6 +193,13 @@ def personalisation_warning(figures, history_rule=None):
     return None
 
 
+def recent_scores(ds, pop):
+    """Item -> recent popularity, all-time popularity breaking its ties (for ranking candidates)."""
+    scale = max(pop.values(), default=0) + 1
+    recent = recent_popularity(ds)
+    return {i: recent.get(i, 0) + pop.get(i, 0) / scale for i in range(1, ds.num_items + 1)}
+
+
 def topn_reference_scores(ds, user, candidates, pop, cooc, recent=None):
     """Scores of the reference rules for one user's candidates (higher = ranked first); cooc: cooc_rule(ds, pop);
     recent: recent_scores(ds, pop)."""

@@ -5,8 +5,9 @@
     random         a seeded permutation of the numbers: no order at all
     sequential     numbered in order of first appearance in the *training* parts only (Hua et al. 2023): items
                    bought near each other get near numbers, validation and test items play no part
-    collaborative  a short hierarchical code from spectral clustering of the training co-occurrence graph, one token
-                   a level, plus an independent last token that tells apart the items of one leaf (Hua et al.'s CID)
+    collaborative  a short hierarchical code from spectral clustering of the training co-occurrence graph (k-means on
+                   its spectral embedding, level by level), one token a level, plus an independent last token that
+                   tells apart the items of one leaf (after Hua et al.'s CID)
     semantic       the same code from the items' text: titles (item_titles.json) where the dataset has them, else
                    their training review text (TIGER's idea, with TF-IDF + SVD vectors instead of an RQ-VAE)
 
@@ -86,17 +87,13 @@ def code_tokens(code):
 
 
 def collaborative_vectors(ds, dim=32, seed=1):
-    """Spectral embedding (scikit-learn, Laplacian eigenmaps) of the training co-occurrence graph: the first step of
-    spectral clustering; hierarchical_codes does its k-means. Rows 0 and never-co-bought items stay zero."""
-    from sklearn.manifold import spectral_embedding
-    from cooccurrence import cooccurrence
-    counts = cooccurrence(ds).tocsr()
-    linked = np.flatnonzero(np.diff(counts.indptr))
-    vectors = np.zeros((ds.num_items + 1, dim))
-    graph = counts[linked][:, linked]
-    vectors[linked] = spectral_embedding(graph, n_components=min(dim, len(linked) - 2), random_state=seed,
-                                         drop_first=True, norm_laplacian=True)[:, :dim] if len(linked) > 3 else 0
-    return vectors
+    """A spectral embedding of the training co-occurrence graph: the truncated SVD of its positive-PMI adjacency
+    (cooccurrence.item_vectors), rows normalised so that k-means groups items by direction, not by how often they
+    were bought. (Laplacian eigenmaps put the many small components of a sparse purchase graph on a few axes and
+    most items at the origin: one giant cluster.) Rows 0 and never-co-bought items stay zero."""
+    from sklearn.preprocessing import normalize
+    from cooccurrence import cooccurrence, item_vectors
+    return normalize(item_vectors(cooccurrence(ds), dim, seed))
 
 
 def semantic_vectors(texts, num_items, dim=64, seed=1):

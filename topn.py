@@ -7,8 +7,8 @@
 """
 import time
 
-from evaluation import (eval_users, input_sensitivity, load_run, parser, personalisation, personalisation_warning,
-                        print_table, rank_topn, topn_popular_lists, write_results)
+from evaluation import (eval_users, input_sensitivity, load_run, parser, personalisation, print_table, rank_topn,
+                        topn_popular_lists, write_results)
 from metrics import ranking_metrics
 
 p = parser("top-N recommendation among 100 candidates: HR@{1,5,10}, NDCG@{5,10}", beams=True)
