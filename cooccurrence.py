@@ -3,7 +3,6 @@ or test item), a next-item reference rule built on them, and item vectors (PPMI 
 model's item embeddings (`pretrain.py --item_init cooc`)."""
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import svds
 
 WINDOW = 3        # items at most this many positions apart in one user's purchases count as bought together
 RECENT = 3        # the rule scores by the user's last RECENT items, each half as much as the one after it
@@ -47,10 +46,21 @@ def item_vectors(counts, dim, seed=1):
     pmi = np.log(c.data * context.sum() / (row_sum[c.row] * context[c.col]))
     keep = pmi > 0
     ppmi = sp.csr_matrix((pmi[keep], (c.row[keep], c.col[keep])), shape=counts.shape)
-    k = min(dim, min(ppmi.shape) - 2)
-    v0 = np.random.default_rng(seed).uniform(-1, 1, min(ppmi.shape))       # ARPACK's start: seeded, reproducible
-    u, s, _ = svds(ppmi, k=k, v0=v0)
+    # only the items with a positive-PMI partner take part: the rest would add exactly-zero singular values, whose
+    # vectors no solver returns reproducibly
+    linked = np.flatnonzero(np.diff(ppmi.indptr))
     vectors = np.zeros((counts.shape[0], dim), dtype=np.float32)
-    vectors[:, :k] = u[:, ::-1] * np.sqrt(s[::-1])                          # largest singular value first
-    vectors[np.diff(ppmi.indptr) == 0] = 0                                  # exactly, not ARPACK's 1e-17
+    if len(linked) < 2:
+        return vectors
+    sub = ppmi[linked][:, linked]
+    k = min(dim, len(linked) - 1)
+    if len(linked) <= 3000:                         # small: LAPACK's exact SVD
+        u, s, _ = np.linalg.svd(sub.toarray())
+        u, s = u[:, :k], s[:k]
+    else:                                           # large: randomized SVD (Halko et al.), seeded
+        from sklearn.utils.extmath import randomized_svd
+        u, s, _ = randomized_svd(sub, k, n_iter=6, random_state=seed)
+    s = np.where(s > 1e-6 * s.max(), s, 0.0)        # a zero singular value carries no direction
+    u = u * np.sign(u[np.abs(u).argmax(0), np.arange(k)])    # each vector's sign fixed: its largest entry positive
+    vectors[linked, :k] = u * np.sqrt(s)
     return vectors

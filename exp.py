@@ -70,7 +70,9 @@ if args.task == "explanation" and all(r.get("feature") for r in records):
     results["features"] = feature_metrics([r["feature"] for r in records], generated, vocab)
     print("features: " + ", ".join(f"{k} {v:.4f}" for k, v in results["features"].items()))
 
-lines = [json.dumps({"user": r["user"], "item": r["item"], "feature": r.get("feature"), "generated": g,
+# items as the dataset's own files number them (the model may have seen them renumbered: --item_ids)
+original = {new: old for old, new in enumerate(ds.item_map)} if ds.item_map else None
+lines = [json.dumps({"user": r["user"], "item": original[r["item"]] if original else r["item"], "feature": r.get("feature"), "generated": g,
                      **{f: r[f] for f in ("explanation", "groundtruth_explanation", "review_summary") if r.get(f)}},
                     ensure_ascii=False) for r, g in zip(records, generated)]
 pred_path = Path(args.checkpoint) / f"predictions_{'exp' if args.task == 'explanation' else 'review'}.jsonl"

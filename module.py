@@ -77,11 +77,14 @@ def add_id_tokens(tokenizer, words):
 
 
 def set_dropout(t5, rate):
-    """T5's dropout rate, in its config (saved with the checkpoint) and in every dropout layer already built."""
+    """T5's dropout rate, in its config (saved with the checkpoint) and everywhere it was copied when the model was
+    built: every dropout layer, and the attention layers' own rate (a float attribute, not a layer)."""
     t5.config.dropout_rate = rate
     for layer in t5.modules():
         if isinstance(layer, nn.Dropout):
             layer.p = rate
+        elif isinstance(getattr(layer, "dropout", None), float):
+            layer.dropout = rate
 
 
 def init_item_embeddings(t5, tokenizer, vectors, std=None):

@@ -83,7 +83,7 @@ def reference_topn(ds, users):
 def published(small_data_dir, tmp_path_factory, python, script_env):
     ckpt = tmp_path_factory.mktemp("run") / "beauty"
     log = run(python, script_env, "pretrain.py", "--data_dir", small_data_dir, "--checkpoint", ckpt, "--epochs", 1,
-              *TRAIN)
+              "--recipe", "paper", *TRAIN)      # the paper's setting: published ids, history in the encoder
     return ckpt, log
 
 
@@ -264,5 +264,5 @@ def test_atomic_id_tokens_end_to_end(data64, tmp_path, python, script_env):
 
 def test_item_init_cooc_needs_atomic_ids(data64, python, script_env):
     proc = subprocess.run([python, str(ROOT / "pretrain.py"), "--data_dir", str(data64), "--item_init", "cooc",
-                           "--backbone", "tiny"], cwd=ROOT, env=script_env, capture_output=True, text=True, timeout=120)
+                           "--id_tokens", "pieces", "--history", "encoder", "--backbone", "tiny"], cwd=ROOT, env=script_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--item_init cooc" in proc.stderr and "--id_tokens atomic" in proc.stderr
