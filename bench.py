@@ -22,7 +22,8 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--data_dir", required=True)
 p.add_argument("--size", default="mini", help="from-scratch size (tiny, mini, small)")
 p.add_argument("--ratio", default="1:1:1:3")
-p.add_argument("--id_tokens", default="pieces", choices=["pieces", "atomic"], help="as pretrain.py")
+p.add_argument("--id_tokens", default="atomic", choices=["pieces", "atomic"], help="as pretrain.py")
+p.add_argument("--history", default="decoder", choices=["encoder", "decoder"], help="as pretrain.py")
 p.add_argument("--batch_size", type=int, default=64)
 p.add_argument("--steps", type=int, default=12, help="timed training steps (after 2 warm-up steps)")
 p.add_argument("--micro_batch_tokens", type=int, default=2560, help="as pretrain.py on CPU (0: whole batches)")
@@ -35,6 +36,8 @@ p.add_argument("--seed", type=int, default=1)
 p.add_argument("--_phase", help=argparse.SUPPRESS)
 p.add_argument("--_work", help=argparse.SUPPRESS)
 args = p.parse_args()
+if args.history == "decoder" and args.id_tokens != "atomic":
+    p.error("--history decoder needs --id_tokens atomic (as pretrain.py)")
 
 
 def peak_mb():
@@ -64,10 +67,13 @@ def run_phase(phase, work):
     model = HDRec(from_scratch_t5(args.size, tokenizer), seed=args.seed)
     encoder = tasks.WordEncoder(tokenizer)
     encoder.add(tasks.id_words(ds))
+    if args.history == "decoder":
+        model.set_item_tokens([encoder.item_tokens(i)[0] for i in range(1, ds.num_items + 1)])
     device = torch.device("cpu")
     use_bf16 = bf16_supported(device)
     base_mb = peak_mb()
-    out = {"phase": phase, "size": args.size, "id_tokens": args.id_tokens, "vocab": len(tokenizer),
+    out = {"phase": phase, "size": args.size, "id_tokens": args.id_tokens, "history": args.history,
+           "vocab": len(tokenizer),
            "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
            "bf16": use_bf16, "threads": torch.get_num_threads()}
     rng = random.Random(args.seed)
@@ -80,7 +86,7 @@ def run_phase(phase, work):
         for step, (task, users) in enumerate(plan):
             if step == 2:
                 start = time.time()
-            batch = tasks.make_batch(ds, encoder, task, users, rng)
+            batch = tasks.make_batch(ds, encoder, task, users, rng, history=args.history)
             optimizer.zero_grad()
             backward_batch(model, batch, args.micro_batch_tokens,
                            torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16))
@@ -97,10 +103,10 @@ def run_phase(phase, work):
         start = time.time()
         if phase == "seq":
             recommend_next(model, tokenizer, encoder, ds, users, args.protocol, batch_size=args.eval_batch_size,
-                           seed=args.seed, progress=False)
+                           seed=args.seed, progress=False, history=args.history)
         else:
             rank_topn(model, tokenizer, encoder, ds, users, args.protocol, batch_size=args.eval_batch_size,
-                      seed=args.seed, progress=False)
+                      seed=args.seed, progress=False, history=args.history)
         out.update(users_per_s=len(users) / (time.time() - start), users=len(users), protocol=args.protocol)
     out.update(peak_rss_mb=peak_mb(), rss_before_phase_mb=base_mb)
     print(json.dumps(out))
