@@ -275,7 +275,8 @@ def decoder_prefixes(encoder, ds, users, split, device):
     for u in users:
         seq = ds.sequences[u]
         end = len(seq) - (2 if split == "val" else 1)
-        rows.append([encoder.pad] + [t for i in seq[max(0, end - tasks.HISTORY_LEN):end] for t in encoder.item_tokens(i)])
+        history = seq[max(0, end - tasks.HISTORY_LEN):end]
+        rows.append([encoder.pad] + [t for i in history for t in encoder.item_tokens(i)])
     P = max(len(r) for r in rows)
     ids = torch.full((len(rows), P), encoder.pad, dtype=torch.long)
     mask = torch.zeros(len(rows), P, dtype=torch.long)
@@ -377,6 +378,7 @@ def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=
     cooc = cooc_rule(ds, pop)
     task_id = tasks.TASKS.index("topn")
     item_of = encoder.item_of_tokens(ds.num_items)
+    item_len = max(len(tokens) for tokens in item_of)
     ranks, lists, reference_ranks = [], [], {}
     for chunk in tqdm(list(batches(users, batch_size)), desc="topn", dynamic_ncols=True, disable=not progress):
         candidates = [tasks.topn_candidates(ds, u, rng, "test") for u in chunk]     # positive first
@@ -388,8 +390,9 @@ def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=
                               decoder_prefixes(encoder, history_ds or ds, chunk, "test", device)))
         with autocast(device):
             if protocol == "paper":
+                # in the decoder an item is followed by the next item, not by eos: generate one item's tokens
                 kwargs = {"decoder_input_ids": prefix["decoder_prefix"],
-                          "decoder_attention_mask": prefix["prefix_mask"]} if prefix else {}
+                          "decoder_attention_mask": prefix["prefix_mask"], "max_new_tokens": item_len} if prefix else {}
                 out = model.generate(batch, num_beams=num_beams, num_return_sequences=top_k, **kwargs)
                 if prefix:
                     out = out[:, prefix["decoder_prefix"].shape[1]:]
