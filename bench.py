@@ -68,7 +68,7 @@ def run_phase(phase, work):
     encoder = tasks.WordEncoder(tokenizer)
     encoder.add(tasks.id_words(ds))
     if args.history == "decoder":
-        model.set_item_tokens([encoder.item_tokens(i)[0] for i in range(1, ds.num_items + 1)])
+        model.set_item_tokens(encoder.single_item_tokens(ds.num_items))
     device = torch.device("cpu")
     use_bf16 = bf16_supported(device)
     base_mb = peak_mb()

@@ -273,9 +273,7 @@ def decoder_prefixes(encoder, ds, users, split, device):
     left-padded to one length (T5's relative positions make the padding invisible behind the mask)."""
     rows = []
     for u in users:
-        seq = ds.sequences[u]
-        end = len(seq) - (2 if split == "val" else 1)
-        history = seq[max(0, end - tasks.HISTORY_LEN):end]
+        history = history_before(ds, u, split)[-tasks.HISTORY_LEN:]
         rows.append([encoder.pad] + [t for i in history for t in encoder.item_tokens(i)])
     P = max(len(r) for r in rows)
     ids = torch.full((len(rows), P), encoder.pad, dtype=torch.long)
@@ -322,8 +320,7 @@ def recommend_next(model, tokenizer, encoder, ds, users, protocol="clean", num_b
             start = kwargs["decoder_input_ids"].shape[1]
         constraint = []
         if protocol == "clean":
-            end = -1 if split == "test" else -2
-            banned = [trie.banned_children(ds.sequences[u][:end] if exclude_bought else ()) for u in chunk]
+            banned = [trie.banned_children(history_before(ds, u, split) if exclude_bought else ()) for u in chunk]
             constraint = [TrieConstraint(trie, banned, num_beams, tokenizer.eos_token_id, start)]
         with autocast(device):
             out = model.generate(batch, num_beams=num_beams, num_return_sequences=top_k, max_new_tokens=max_len,
@@ -344,7 +341,7 @@ def next_item_scores(model, encoder, ds, users, split="test"):
     prefix, prefix_mask = decoder_prefixes(encoder, ds, users, split, device)
     with autocast(device):
         logp = model.next_token_logprobs(batch, prefix, prefix_mask)
-    tokens = torch.tensor([encoder.item_tokens(i)[0] for i in range(1, ds.num_items + 1)], device=device)
+    tokens = torch.tensor(encoder.single_item_tokens(ds.num_items), device=device)
     return logp[:, tokens]
 
 
@@ -352,13 +349,12 @@ def rank_next_items(model, encoder, ds, users, top_k=10, batch_size=32, progress
                     exclude_bought=True):
     """The clean protocol's top-k for one-token item ids read in the decoder: every item ranked by its likelihood,
     bought items (before the `split` item) excluded. Equals 20-beam search's top 10, in one decoder pass."""
-    end = -1 if split == "test" else -2
     lists = []
     for chunk in tqdm(list(batches(users, batch_size)), desc="seq", dynamic_ncols=True, disable=not progress):
         scores = next_item_scores(model, encoder, ds, chunk, split)
         for b, u in enumerate(chunk):
             if exclude_bought:
-                scores[b, [i - 1 for i in set(ds.sequences[u][:end])]] = float("-inf")
+                scores[b, [i - 1 for i in set(history_before(ds, u, split))]] = float("-inf")
         values, index = scores.topk(min(top_k, ds.num_items), dim=1)
         lists += [[i + 1 if v > float("-inf") else None for v, i in zip(vs, ix)]     # None: nothing left to rank
                   for vs, ix in zip(values.tolist(), index.tolist())]

@@ -245,7 +245,7 @@ encoder.add(tasks.id_words(ds))
 if meta.get("item_codes"):
     encoder.set_item_codes({i: c for i, c in enumerate(meta["item_codes"], 1)})
 if args.history == "decoder" and not meta.get("item_codes"):   # one token an item: cross-entropy over items alone
-    model.set_item_tokens([encoder.item_tokens(i)[0] for i in range(1, ds.num_items + 1)])
+    model.set_item_tokens(encoder.single_item_tokens(ds.num_items))
 ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 # no weight decay on the norm weights (1-d): decaying them towards 0 only fights the normalisation
 params = [p for p in model.parameters() if p.requires_grad]

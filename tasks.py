@@ -98,6 +98,10 @@ class WordEncoder:
         """{token tuple: item} for items 1..num_items, to read generated ids back."""
         return {tuple(self.item_tokens(i)): i for i in range(1, num_items + 1)}
 
+    def single_item_tokens(self, num_items):
+        """The one token of each item 1..num_items (atomic ids), in item order."""
+        return [self.item_tokens(i)[0] for i in range(1, num_items + 1)]
+
     def item_tokens(self, item):
         """An item id's tokens: its word's cached pieces."""
         word = item_word(item)
