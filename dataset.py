@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import atomic_write_json, atomic_write_text, file_sha256
+from utils import UserError, atomic_write_text, file_sha256
 
 NUM_NEGATIVES = 99
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem in a user's data file; the message names the file and line."""
 
 
@@ -27,9 +27,12 @@ def id_lines(path):
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                fields = raw.decode("utf-8").split()
+            except UnicodeDecodeError:
+                raise DataError(f"{_where(path, lineno)}: not UTF-8 text") from None
             if not fields:
                 continue
             try:
@@ -48,6 +51,8 @@ def read_json(path):
         raise DataError(f"{path}: file not found")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
@@ -272,6 +277,8 @@ def renumber_items(ds, item_map):
 
 
 if __name__ == "__main__":  # quick summary: python dataset.py DATA_DIR
+    from utils import report_user_errors
+    report_user_errors()
     ds = load_dataset(sys.argv[1])
     lengths = [len(s) for s in ds.sequences.values()]
     print(f"{len(ds.sequences)} users, {ds.num_items} items, {sum(lengths)} interactions, "

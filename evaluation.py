@@ -14,12 +14,11 @@ import torch
 import tasks
 from cooccurrence import cooc_scores, cooccurrence
 from dataset import load_dataset, renumber_items
-from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from metrics import rank_by_score, rank_of, ranking_metrics
 from module import ItemTrie, TrieConstraint, load_checkpoint, parse_item
-from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
+from utils import UserError, atomic_write_json, bf16_supported, pick_device, progress_bar, seed_everything, versions
 
 
 def parser(description, beams=False):
@@ -263,7 +262,7 @@ def item_trie(encoder, ds, eos=True):
     paths = {i: encoder.item_target(i) if eos else encoder.item_tokens(i) for i in range(1, ds.num_items + 1)}
     trie = ItemTrie(paths)
     if not eos and any(trie.children.get(tuple(p)) for p in paths.values()):
-        raise ValueError("--history decoder needs item ids whose tokens are prefix-free (--id_tokens atomic, or "
+        raise UserError("--history decoder needs item ids whose tokens are prefix-free (--id_tokens atomic, or "
                          "fixed-length codes); with sub-word pieces one id can be the start of another")
     return trie
 
@@ -308,7 +307,7 @@ def recommend_next(model, tokenizer, encoder, ds, users, protocol="clean", num_b
     rng = random.Random(seed)
     item_of = encoder.item_of_tokens(ds.num_items)
     lists = []
-    for chunk in tqdm(list(batches(users, batch_size)), desc="seq", dynamic_ncols=True, disable=not progress):
+    for chunk in progress_bar(list(batches(users, batch_size)), desc="seq", disable=not progress):
         samples = [tasks.sequential_sample(ds, u, rng, split, history) for u in chunk]
         batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), tasks.TASKS.index("sequential")),
                                 device)
@@ -350,7 +349,7 @@ def rank_next_items(model, encoder, ds, users, top_k=10, batch_size=32, progress
     """The clean protocol's top-k for one-token item ids read in the decoder: every item ranked by its likelihood,
     bought items (before the `split` item) excluded. Equals 20-beam search's top 10, in one decoder pass."""
     lists = []
-    for chunk in tqdm(list(batches(users, batch_size)), desc="seq", dynamic_ncols=True, disable=not progress):
+    for chunk in progress_bar(list(batches(users, batch_size)), desc="seq", disable=not progress):
         scores = next_item_scores(model, encoder, ds, chunk, split)
         for b, u in enumerate(chunk):
             if exclude_bought:
@@ -376,7 +375,7 @@ def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=
     item_of = encoder.item_of_tokens(ds.num_items)
     item_len = max(len(tokens) for tokens in item_of)
     ranks, lists, reference_ranks = [], [], {}
-    for chunk in tqdm(list(batches(users, batch_size)), desc="topn", dynamic_ncols=True, disable=not progress):
+    for chunk in progress_bar(list(batches(users, batch_size)), desc="topn", disable=not progress):
         candidates = [tasks.topn_candidates(ds, u, rng, "test") for u in chunk]     # positive first
         samples = [tasks.topn_sample(ds, u, rng, "test", c) for u, c in zip(chunk, candidates)]
         batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), task_id), device)

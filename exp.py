@@ -14,9 +14,9 @@ from pathlib import Path
 import tasks
 from evaluation import autocast, batches, eval_users, load_run, parser, print_table, write_results
 from metrics import feature_metrics, text_metrics
-from tqdm import tqdm
-from utils import atomic_write_text
+from utils import UserError, atomic_write_text, progress_bar, report_user_errors
 
+report_user_errors()
 p = parser("explanation generation: BLEU, ROUGE, FMR, FCR, DIV")
 p.add_argument("--task", choices=["explanation", "review"], default="explanation",
                help="review: score generated review summaries against review_summary")
@@ -30,13 +30,13 @@ started = time.time()
 
 model, tokenizer, meta, ds, encoder, device = load_run(args)
 if not ds.records or not ds.records.get("test"):
-    raise SystemExit(f"{args.data_dir}: no test review records (explanation.json / explanation_rationale.json "
+    raise UserError(f"{args.data_dir}: no test review records (explanation.json / explanation_rationale.json "
                      "with a 'test' list); make them with data/prepare.py")
 users = set(eval_users(ds, args.users, args.seed))
 records = [r for u, recs in ds.records["test"].items() if u in users for r in recs
            if r.get(tasks.TEXT_FIELDS[args.task])]
 if not records:
-    raise SystemExit(f"no test records with a '{tasks.TEXT_FIELDS[args.task]}' field in {ds.records_file}")
+    raise UserError(f"no test records with a '{tasks.TEXT_FIELDS[args.task]}' field in {ds.records_file}")
 extra = {}
 if args.num_beam_groups > 1:   # group beam search left transformers' core in v5; it is fetched from the hub
     extra = {"num_beam_groups": args.num_beam_groups, "diversity_penalty": 1.0,
@@ -44,7 +44,7 @@ if args.num_beam_groups > 1:   # group beam search left transformers' core in v5
 
 generated = []
 task_id = tasks.TASKS.index(args.task)
-for chunk in tqdm(list(batches(records, args.batch_size)), desc=args.task, dynamic_ncols=True):
+for chunk in progress_bar(list(batches(records, args.batch_size)), desc=args.task):
     samples = [tasks.SAMPLERS[args.task](ds, r["user"], None, "test", record=r, explanation_target="review")
                for r in chunk]
     batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), task_id), device)

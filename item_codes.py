@@ -18,6 +18,7 @@ files) is the random permutation, so no rule can read the published order either
 import numpy as np
 
 from dataset import DataError, random_item_permutation
+from utils import UserError
 
 SCHEMES = ("published", "random", "sequential", "collaborative", "semantic")
 CODE_SCHEMES = ("collaborative", "semantic")
@@ -44,7 +45,7 @@ def sequential_item_map(ds):
 def item_map_for(scheme, ds, seed):
     """The renumbering (new_id[old_id], or None) a scheme applies to the dataset's items."""
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown --item_ids {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        raise UserError(f"unknown --item_ids {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if scheme == "published":
         return None
     if scheme == "sequential":

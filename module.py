@@ -6,7 +6,6 @@ where an id starts and ends. Decoding is transformers' `generate`; ranking over 
 not-yet-bought item ids with a prefix trie over their token sequences.
 """
 import io
-import json
 import re
 from pathlib import Path
 
@@ -17,7 +16,8 @@ from transformers import AutoTokenizer, LogitsProcessor, T5Config, T5ForConditio
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from utils import atomic_write_json
+from dataset import read_json
+from utils import UserError, atomic_write_json
 
 # from-scratch T5 shapes; `small` is t5-small's, `mini` the d256 4+4 model the original code was timed with
 SIZES = {
@@ -93,7 +93,7 @@ def init_item_embeddings(t5, tokenizer, vectors, std=None):
     words = [item_word(i) for i in range(1, len(vectors))]
     token_ids = tokenizer.convert_tokens_to_ids(words)
     if tokenizer.unk_token_id in token_ids:
-        raise ValueError("--item_init cooc needs --id_tokens atomic: each item_N must be one token")
+        raise UserError("--item_init cooc needs --id_tokens atomic: each item_N must be one token")
     emb = t5.get_input_embeddings().weight
     vectors = torch.as_tensor(vectors[1:], dtype=torch.float32)
     d = min(vectors.shape[1], emb.shape[1])
@@ -281,7 +281,7 @@ def backward_batch(model, batch, max_tokens, autocast, no_sync=None):
 
 def t5_config_for(size, tokenizer):
     if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}; sizes: {', '.join(SIZES)}")
+        raise UserError(f"unknown model size {size!r}; sizes: {', '.join(SIZES)}")
     return T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
                     feed_forward_proj="relu", dropout_rate=0.1, tie_word_embeddings=True, **SIZES[size])
@@ -303,7 +303,7 @@ def resolve_backbone(backbone, model_version=0):
     if backbone:
         return backbone
     if not 0 <= model_version < len(MODEL_VERSIONS):
-        raise ValueError(f"--model_version must be 0..{len(MODEL_VERSIONS) - 1}")
+        raise UserError(f"--model_version must be 0..{len(MODEL_VERSIONS) - 1}")
     return MODEL_VERSIONS[model_version]
 
 
@@ -313,8 +313,8 @@ def load_pretrained(name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         t5 = T5ForConditionalGeneration.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"could not load the pretrained T5 {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0]}).\n"
+        raise UserError(
+            f"could not load the pretrained T5 {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
             f"Give a local folder with config.json, weights and tokenizer files, a hub name on a machine that can reach "
             f"the hub, or a from-scratch size: --backbone {'|'.join(SIZES)}") from None
     return t5, tokenizer
@@ -345,14 +345,24 @@ def save_checkpoint(model, tokenizer, out_dir, meta, spm_model=None):
 def load_checkpoint(ckpt_dir, device="cpu"):
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "model.safetensors").exists():
-        raise SystemExit(f"{ckpt_dir}: no model.safetensors; train one with pretrain.py --checkpoint {ckpt_dir}")
-    config = json.loads((ckpt_dir / "config.json").read_text())
+        raise UserError(f"{ckpt_dir}: no model.safetensors; train one with pretrain.py --checkpoint {ckpt_dir}")
+    config = read_json(ckpt_dir / "config.json")
+    if not isinstance(config, dict) or not isinstance(config.get("hdrec"), dict) or "t5" not in config:
+        raise UserError(f"{ckpt_dir / 'config.json'}: not an HDRec checkpoint config (needs 't5' and 'hdrec')")
     meta = config["hdrec"]
-    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir / "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt_dir / "tokenizer")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{ckpt_dir / 'tokenizer'}: cannot load the checkpoint's tokenizer "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     t5_config = T5Config.from_dict(config["t5"])
     t5 = T5ForConditionalGeneration(t5_config)
     model = HDRec(t5, meta["task_num"], meta["prompt_num"])
-    load_model(model, str(ckpt_dir / "model.safetensors"), device=str(device))
+    try:
+        load_model(model, str(ckpt_dir / "model.safetensors"), device=str(device))
+    except Exception as e:           # a damaged file: safetensors' own error types vary between versions
+        raise UserError(f"{ckpt_dir / 'model.safetensors'}: cannot read the weights ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged or from another model") from None
     return model.to(device).eval(), tokenizer, meta
 
 

@@ -24,14 +24,16 @@ from tqdm import tqdm
 
 import tasks
 from cooccurrence import cooccurrence, item_vectors
-from dataset import DataError, load_dataset, renumber_items
+from dataset import load_dataset, renumber_items
 from item_codes import CODE_SCHEMES, SCHEMES, item_codes, item_map_for, parse_branching
 from evaluation import recommend_next, reference_sequential
 from metrics import rank_of, ranking_metrics
 from module import HDRec, SIZES, add_id_tokens, backward_batch, from_scratch_t5, init_item_embeddings, \
     load_checkpoint, load_pretrained, resolve_backbone, set_dropout, save_checkpoint, train_tokenizer
-from utils import atomic_write_json, bf16_supported, pick_device, seed_everything, versions
+from utils import (UserError, atomic_write_json, bf16_supported, pick_device, progress_bar, report_user_errors,
+                   seed_everything, versions)
 
+report_user_errors()
 parser = argparse.ArgumentParser(description="train HDRec (prompt-distilled T5) on a dataset dir")
 parser.add_argument("--data_dir", required=True, help="dataset dir (sequential.txt, datamaps.json, ...)")
 parser.add_argument("--checkpoint", default="./checkpoint/", help="output dir; an existing run there is resumed")
@@ -119,18 +121,18 @@ use_bf16 = bf16_supported(device) and not args.no_bf16
 seed_everything(args.seed)
 ratio = [int(x) for x in args.ratio.split(":")]
 if len(ratio) != len(tasks.TASKS) or min(ratio) < 0 or sum(ratio) == 0:
-    raise SystemExit(f"--ratio needs {len(tasks.TASKS)} non-negative integers ({':'.join(tasks.TASKS)}), "
+    raise UserError(f"--ratio needs {len(tasks.TASKS)} non-negative integers ({':'.join(tasks.TASKS)}), "
                      f"got {args.ratio!r}")
 if args.item_init == "auto":
     args.item_init = "cooc" if args.id_tokens == "atomic" and args.item_ids not in CODE_SCHEMES else "random"
 if args.item_ids in CODE_SCHEMES and (args.id_tokens != "atomic" or args.item_init == "cooc"):
-    raise SystemExit(f"--item_ids {args.item_ids} gives every code level tokens of its own: it needs --id_tokens "
+    raise UserError(f"--item_ids {args.item_ids} gives every code level tokens of its own: it needs --id_tokens "
                      "atomic, and --item_init random (there is no one embedding row per item to start)")
 if args.history == "decoder" and args.id_tokens != "atomic":
-    raise SystemExit("--history decoder reads items one after another in the decoder: it needs --id_tokens atomic "
+    raise UserError("--history decoder reads items one after another in the decoder: it needs --id_tokens atomic "
                      "(sub-word pieces of one id can be the start of another); the paper's setting is --history encoder")
 if args.item_init == "cooc" and args.id_tokens != "atomic":
-    raise SystemExit("--item_init cooc sets one embedding row per item: it needs --id_tokens atomic")
+    raise UserError("--item_init cooc sets one embedding row per item: it needs --id_tokens atomic")
 out = Path(args.checkpoint)
 # The resumable state is one directory, out/last (weights, tokenizer, optimizer, counters), replaced as a unit:
 # written to last.tmp, then last -> last.old, last.tmp -> last. A crash at any point leaves a complete state.
@@ -172,10 +174,7 @@ if resuming:
 else:
     item_map = item_map_for(args.item_ids, ds, args.seed)
     if args.item_ids in CODE_SCHEMES:      # built on the dataset's own ids (titles are keyed by them), then renumbered
-        try:
-            codes = item_codes(args.item_ids, ds, parse_branching(args.code_branching), args.seed, log)
-        except DataError as e:
-            raise SystemExit(f"error: {e}") from None
+        codes = item_codes(args.item_ids, ds, parse_branching(args.code_branching), args.seed, log)
         codes = {item_map[i]: c for i, c in codes.items()}
         log(f"{args.item_ids} codes: {len(set(c[:-1] for c in codes.values()))} leaves, "
             f"{max(len(c) for c in codes.values())} tokens an item")
@@ -184,7 +183,7 @@ for task, share in zip(tasks.TASKS, ratio):
     if share and not tasks.trainable_users(ds, task):
         need = {"explanation": "explanation.json (data/prepare.py) or explanation_rationale.json",
                 "review": "explanation_rationale.json with review_summary (data/distill.py)"}.get(task, "")
-        raise SystemExit(f"--ratio gives the {task} task a share, but {args.data_dir} has no training data for it "
+        raise UserError(f"--ratio gives the {task} task a share, but {args.data_dir} has no training data for it "
                          f"(needs {need}); give it a zero share, e.g. --ratio 0:1:0:3")
 sample_opts = {"negative_num": args.negative_num, "explanation_target": args.explanation_target,
                "exp_len": args.exp_len, "history": args.history}
@@ -282,7 +281,7 @@ for task, share in zip(tasks.TASKS, ratio):
                                                 **sample_opts))
                         for i in range(0, len(users), args.batch_size)]
 if not val_tasks:
-    raise SystemExit(f"{args.data_dir}: no validation samples for any task with a share in --ratio {args.ratio}")
+    raise UserError(f"{args.data_dir}: no validation samples for any task with a share in --ratio {args.ratio}")
 # the learning curve: the model's ranking of every item for a fixed sample of validation users
 rank_users = []
 if args.rank_users and "sequential" in val_tasks:
@@ -296,7 +295,7 @@ if reference_ranking:
     log(f"validation ranking of {len(rank_users)} users, reference rules: " + ", ".join(
         f"{rule} HR@10 {f['HR@10']:.4f} NDCG@10 {f['NDCG@10']:.4f}" for rule, f in reference_ranking.items()))
 if args.stop_on == "ndcg" and not rank_users:
-    raise SystemExit("--stop_on ndcg needs ranked validation users: the sequential task in --ratio and --rank_users > 0 "
+    raise UserError("--stop_on ndcg needs ranked validation users: the sequential task in --ratio and --rank_users > 0 "
                      "(or use --stop_on loss)")
 
 
@@ -368,7 +367,7 @@ def load_state():
         opt["state"].setdefault(int(i), {})[k] = v.to(device) if k != "step" else v
     optimizer.load_state_dict(opt)
     if len(state["rng"]) != world:
-        raise SystemExit(f"{state_json} was written by {len(state['rng'])} processes; resume with the same number")
+        raise UserError(f"{state_json} was written by {len(state['rng'])} processes; resume with the same number")
     version, internal, gauss = state["rng"][rank]
     rng = random.Random()
     rng.setstate((version, tuple(internal), gauss))
@@ -429,8 +428,8 @@ for epoch in range(start_epoch, args.epochs + 1):
     plan = tasks.epoch_plan(ds, ratio, args.batch_size, args.seed, epoch, rank, world)
     val_points = set(range(args.val_every, len(plan) + 1, args.val_every)) if args.val_every else set()
     val_points.add(len(plan))
-    bar = tqdm(range(start_step, len(plan)), initial=start_step, total=len(plan), disable=not is_main,
-               desc=f"epoch {epoch}", dynamic_ncols=True)
+    bar = progress_bar(range(start_step, len(plan)), initial=start_step, total=len(plan), disable=not is_main,
+                       desc=f"epoch {epoch}")
     for step in bar:
         task, users = plan[step]
         batch = tasks.to_device(tasks.make_batch(ds, encoder, task, users, rng, **sample_opts), device)

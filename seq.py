@@ -14,7 +14,9 @@ import time
 from evaluation import (eval_users, input_sensitivity, list_quality, load_run, parser, personalisation,
                         personalisation_warning, print_table, recommend_next, reference_lists, write_results)
 from metrics import rank_of, ranking_metrics
+from utils import report_user_errors
 
+report_user_errors()
 p = parser("sequential recommendation: HR@{1,5,10}, NDCG@{5,10}", beams=True)
 p.add_argument("--sensitivity_users", type=int, default=500,
                help="users whose history is swapped for the input-sensitivity figure (0: skip it)")

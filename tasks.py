@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from dataset import DataError
 from module import MAX_WHOLE_WORDS, item_word, user_word
 
 # --ratio is given in this order (the seed's: explanation : sequential : review summary : top-N)
@@ -218,7 +219,7 @@ def explanation_text(record, explanation_target="auto"):
     own sentence (review)."""
     if explanation_target == "llm" or (explanation_target == "auto" and record.get("groundtruth_explanation")):
         if not record.get("groundtruth_explanation"):
-            raise ValueError(f"record of user {record['user']}, item {record['item']} has no groundtruth_explanation; "
+            raise DataError(f"record of user {record['user']}, item {record['item']} has no groundtruth_explanation; "
                              "run data/distill.py first or use --explanation_target review")
         return record["groundtruth_explanation"]
     return record["explanation"]

@@ -10,7 +10,9 @@ import time
 from evaluation import (eval_users, input_sensitivity, load_run, parser, personalisation, print_table, rank_topn,
                         topn_popular_lists, write_results)
 from metrics import ranking_metrics
+from utils import report_user_errors
 
+report_user_errors()
 p = parser("top-N recommendation among 100 candidates: HR@{1,5,10}, NDCG@{5,10}", beams=True)
 p.add_argument("--sensitivity_users", type=int, default=500,
                help="users whose history is swapped for the input-sensitivity figure (0: skip it)")

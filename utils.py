@@ -1,4 +1,4 @@
-"""Small shared helpers: seeding, devices, atomic files, hashing, run metadata."""
+"""Small shared helpers: user errors, progress lines, seeding, devices, atomic files, hashing, run metadata."""
 import hashlib
 import json
 import os
@@ -9,6 +9,74 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, a flag, a server): one line `error: ...` and exit status 2, no traceback."""
+
+
+def report_user_errors():
+    """Every entry point calls this first. A UserError (DataError, ModelLoadError, ServerError, ...) then ends the
+    run with `error: <message>` on stderr and exit status 2 (argparse's status for a bad command line); `--debug`
+    anywhere on the command line, or HDREC_DEBUG=1, shows its traceback as well. Any other exception is a bug and
+    keeps Python's full traceback and status 1."""
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+        os.environ["HDREC_DEBUG"] = "1"           # child processes (torchrun workers) inherit it
+    debug = os.environ.get("HDREC_DEBUG", "") not in ("", "0")
+    python_hook = sys.excepthook
+
+    def hook(kind, error, tb):
+        if not issubclass(kind, UserError):
+            return python_hook(kind, error, tb)
+        if debug:
+            python_hook(kind, error, tb)
+        else:
+            print(f"error: {error}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)                               # an excepthook cannot otherwise change the exit status
+
+    sys.excepthook = hook
+
+
+class _Lines:
+    """A file for tqdm that turns its carriage-return redraws into whole lines (for logs and CI)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.last = None
+
+    def write(self, s):
+        s = s.replace("\r", "").rstrip()
+        if s and s.split("[")[0] != self.last:        # closing a bar redraws its last state: once is enough
+            self.stream.write(s + "\n")
+            self.last = s.split("[")[0]
+
+    def flush(self):
+        self.stream.flush()
+
+
+class _LogBar(tqdm):
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)   # shown with the next line, not as a line
+
+
+def progress_bar(iterable=None, every_seconds=60, **kwargs):
+    """tqdm on a terminal; elsewhere (a log file, CI) a plain line with rate and ETA once both a minute
+    (`every_seconds`) and 5% of the total have passed: at most 20 lines a loop, however long it runs."""
+    if kwargs.get("disable"):
+        return tqdm(iterable, **kwargs)
+    if sys.stderr.isatty():
+        return tqdm(iterable, dynamic_ncols=True, **kwargs)
+    total = kwargs.get("total")
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    return _LogBar(iterable, file=_Lines(sys.stderr), mininterval=every_seconds, maxinterval=float("inf"),
+                miniters=max(1, (total or 0) // 20),
+                bar_format="{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+                if total else "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]", **kwargs)
 
 
 def seed_everything(seed):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 from tqdm import tqdm
 
 import utils
-from dataset import read_json
+from dataset import DataError, read_json
 from data.stages import PRODUCER, STAGES, fallback_fields, load_prompts, parse_answer, render_dialog, PROMPTS_FILE
 
 BACKEND_FAILURE = "backend failure"
@@ -74,11 +74,11 @@ def load_records(path, limit=None):
     """({(split, index): record}, {split: count}, the file's other top-level entries) from explanation.json."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found (a dataset dir needs explanation.json, see data/prepare.py)")
+        raise DataError(f"{path}: not found (a dataset dir needs explanation.json, see data/prepare.py)")
     data = read_json(path)
     splits = {name: value for name, value in data.items() if isinstance(value, list)} if isinstance(data, dict) else {}
     if not splits:
-        raise ValueError(f'{path}: expected {{"train": [...], "val": [...], "test": [...]}}, found no list of records')
+        raise DataError(f'{path}: expected {{"train": [...], "val": [...], "test": [...]}}, found no list of records')
     records = {}
     for split, rows in splits.items():
         for index, record in enumerate(rows[:limit]):
@@ -115,7 +115,7 @@ def check_records(records, stages, path, skip_bad):
         elif skip_bad:
             bad.append(problem)
         else:
-            raise ValueError(problem + "; fix the file or pass --skip_bad_records to skip such records")
+            raise DataError(problem + "; fix the file or pass --skip_bad_records to skip such records")
     if bad:
         print(f"skipping {len(bad)} bad record(s); first: {bad[0]}", file=sys.stderr)
     return good, len(bad)
@@ -208,7 +208,7 @@ def stage_inputs(stage, records, outputs, stale, out_dir):
         if producer and stale[producer.number]:
             missing = [key for key in records if key in stale[producer.number]]
             key = missing[0]
-            raise RuntimeError(f"stage {stage.number} '{stage.name}' needs '{field}' from stage {producer.number} "
+            raise utils.UserError(f"stage {stage.number} '{stage.name}' needs '{field}' from stage {producer.number} "
                                f"'{producer.name}', but {stage_path(out_dir, producer.number)} has no current answer "
                                f"for {len(missing)} of {len(records)} records (first: {key[0]}[{key[1]}]; missing, or "
                                f"made before an earlier stage was redone); run stage {producer.number} first, e.g. "
@@ -274,8 +274,8 @@ def run_stage(stage, records, outputs, stale, prompt, generator, out_dir, args, 
         return len(rows)
 
     n_records = sum(len(by_prompt[sha]) for sha in mine)
-    bar = tqdm(total=n_records, unit="rec", desc=f"stage {stage.number} {stage.name}", disable=rank != 0,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = utils.progress_bar(total=n_records, unit="rec", desc=f"stage {stage.number} {stage.name}", disable=rank != 0,
+                             smoothing=0.1)
     failed_in_a_row = 0
     with open(path, "a", encoding="utf-8") as f:
         for sha in reuse:
@@ -297,7 +297,7 @@ def run_stage(stage, records, outputs, stale, prompt, generator, out_dir, args, 
             bar.update(n)
             if failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
                 bar.close()
-                raise RuntimeError(f"stage {stage.number}: the backend failed {failed_in_a_row} batches in a row "
+                raise utils.UserError(f"stage {stage.number}: the backend failed {failed_in_a_row} batches in a row "
                                    f"(last: {failed[-1]}); stopping. Finished records are saved: rerun to resume.")
     bar.close()
     counts["seconds"] = time.time() - start
@@ -416,4 +416,5 @@ def main(argv=None, default_data_dir=None):
 
 
 if __name__ == "__main__":
+    utils.report_user_errors()
     main()

@@ -44,10 +44,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from tqdm import tqdm
 
 from dataset import NUM_NEGATIVES, DataError, generate_negatives, random_item_permutation, write_negatives
-from utils import atomic_write_json, atomic_write_text, file_sha256
+from utils import atomic_write_json, atomic_write_text, file_sha256, progress_bar, report_user_errors
 
 BAD_KINDS = ("not_json", "missing_id", "missing_text", "empty_review", "missing_time")
 SHOW_LINES = 5       # line numbers reported per kind of bad line
@@ -140,7 +139,7 @@ def scan(path, keep_variant_copies=False):
     kept_copy = {}         # copy_key -> item of the first review with that user, time and text
     bad = defaultdict(list)
     lines = reviews = duplicates = variant_copies = 0
-    for lineno, raw in tqdm(read_lines(path), desc="scan", unit=" lines", mininterval=1):
+    for lineno, raw in progress_bar(read_lines(path), desc="scan", unit=" lines"):
         lines = lineno
         if not raw.strip():
             continue
@@ -237,7 +236,7 @@ def explain(path, wanted, n_lines, selector):
             cache.popitem(last=False)
         pending.clear()
 
-    for lineno, raw in tqdm(read_lines(path), desc="explain", unit=" lines", total=n_lines, mininterval=1):
+    for lineno, raw in progress_bar(read_lines(path), desc="explain", unit=" lines", total=n_lines):
         if lineno in wanted:
             review, _ = parse_review(raw)
             pending.append((lineno, review))
@@ -367,4 +366,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    report_user_errors()
     main()

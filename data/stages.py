@@ -16,6 +16,8 @@ from typing import Callable
 
 import yaml
 
+from dataset import DataError
+
 PROMPTS_FILE = Path(__file__).with_name("prompts.yaml")
 
 # ----------------------------------------------------------------------------- text helpers
@@ -253,13 +255,13 @@ def load_prompts(path=PROMPTS_FILE):
     for stage in STAGES:
         prompt = prompts.get(stage.name)
         if not isinstance(prompt, dict) or not isinstance(prompt.get("user"), str):
-            raise ValueError(f"{path}: no prompt for stage {stage.number} '{stage.name}' (needs a 'user' text, "
+            raise DataError(f"{path}: no prompt for stage {stage.number} '{stage.name}' (needs a 'user' text, "
                              f"optionally a 'system' text)")
         for role in ("system", "user"):
             used = {name for _, name, _, _ in string.Formatter().parse(prompt.get(role) or "") if name is not None}
             unknown = used - set(stage.reads)
             if unknown:
-                raise ValueError(f"{path}: prompt '{stage.name}' ({role}) uses {sorted(unknown)}, but stage "
+                raise DataError(f"{path}: prompt '{stage.name}' ({role}) uses {sorted(unknown)}, but stage "
                                  f"{stage.number} reads only {list(stage.reads)}")
     return prompts
 

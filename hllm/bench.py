@@ -22,7 +22,7 @@ from hllm.evaluate import evaluate_model, pad_right
 from hllm.item_caching import embed_texts, load_item_cache
 from hllm.llm import load_base_model, load_tokenizer
 from hllm.model import build_user_llm, trainable_parameters
-from utils import pick_device, seed_everything
+from utils import pick_device, report_user_errors, seed_everything
 
 WORDS = "soft red blue cream lotion shampoo hair skin nice cheap smell great face oil dry gentle".split()
 
@@ -124,4 +124,5 @@ def main():
 
 
 if __name__ == "__main__":
+    report_user_errors()
     main()

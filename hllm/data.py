@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from dataset import Dataset, DataError, load_datamaps, load_explanations, load_sequences
-from utils import file_sha256
+from utils import UserError, file_sha256
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEXT_SOURCES = ("auto", "meta", "titles", "rationale", "summary")
@@ -220,7 +220,7 @@ def read_titles(path, id2item):
 def item_texts(ds, source="auto", item_meta=None, log=print):
     """{item id: text} for items 1..num_items, the source used, and how many items fell back to their raw id."""
     if source not in TEXT_SOURCES:
-        raise ValueError(f"--item_text must be one of {TEXT_SOURCES}, got {source!r}")
+        raise UserError(f"--item_text must be one of {TEXT_SOURCES}, got {source!r}")
     if item_meta is None and getattr(ds, "kind", "p5") == "pixelrec":
         guess = Path(ds.data_dir) / "information" / f"{ds.name}.csv"
         item_meta = guess if guess.exists() else None

@@ -26,12 +26,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from dataset import DataError
 from hllm.data import TEXT_SOURCES, item_texts, load_interactions
 from hllm.llm import load_base_model, load_tokenizer
-from utils import bf16_supported, pick_device, seed_everything
+from utils import bf16_supported, pick_device, progress_bar, report_user_errors, seed_everything
 
 FORMAT = "hdrec-hllm-item-cache/1"
 PROMPT = 'This item: "{text}" means in one word:"'
@@ -64,7 +63,7 @@ def embed_texts(model, tokenizer, texts, pooling="last", batch_size=32, max_text
     out = torch.empty(len(ids), model.config.hidden_size)
     use_bf16 = bf16_supported(device)
     model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc="embedding items", disable=not progress):
+    for start in progress_bar(range(0, len(order), batch_size), desc="embedding items", disable=not progress):
         batch = order[start:start + batch_size]
         longest = max(len(ids[i]) for i in batch)
         input_ids = torch.full((len(batch), longest), tokenizer.pad_token_id, dtype=torch.long)
@@ -201,4 +200,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    report_user_errors()
     main()

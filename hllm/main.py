@@ -21,14 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from hllm.data import TEXT_SOURCES, load_interactions
 from hllm.evaluate import KS, evaluate_model, evaluate_popularity, pad_right
 from hllm.item_caching import build_item_cache, load_item_cache
 from hllm.model import (LOSSES, build_user_llm, load_user_llm, resolve_mode, save_user_llm,
                         trainable_parameters)
-from utils import atomic_write_json, bf16_supported, file_sha256, pick_device, seed_everything, versions
+from utils import (UserError, atomic_write_json, bf16_supported, file_sha256, pick_device, progress_bar,
+                   report_user_errors, seed_everything, versions)
 
 # names HLLM's YAML configs use for the same settings
 YAML_ALIASES = {"learning_rate": "lr", "train_batch_size": "batch_size", "MAX_ITEM_LIST_LENGTH": "max_seq_len",
@@ -125,7 +125,7 @@ def train(model, ds, args, device, out_dir, log=print):
     """Epochs of next-item training with early stopping on validation NDCG@10; the best model is saved."""
     sequences = training_sequences(ds, args.max_seq_len)
     if not sequences:
-        raise ValueError("no user has two or more training items: nothing to train on")
+        raise UserError("no user has two or more training items: nothing to train on")
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)
     use_bf16 = bf16_supported(device)
@@ -137,7 +137,7 @@ def train(model, ds, args, device, out_dir, log=print):
         if args.max_steps:
             batches = batches[:args.max_steps]
         start, total, seen = time.time(), 0.0, 0
-        for batch in (bar := tqdm(batches, desc=f"epoch {epoch}", leave=False)):
+        for batch in (bar := progress_bar(batches, desc=f"epoch {epoch}", leave=False)):
             ids = pad_right([sequences[i] for i in batch]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model.loss(ids, args.loss, num_negatives, generator)
@@ -231,4 +231,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    report_user_errors()
     main()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from hllm.llm import load_base_model
+from utils import UserError
 
 MODES = ("none", "lora", "qlora", "full")
 LORA_TARGETS = "all-linear"
@@ -197,7 +198,7 @@ def load_user_llm(out_dir, item_table, device=torch.device("cpu"), log=print):
     if head["item_proj.weight"].shape != model.item_proj.weight.shape:
         print(f"{out_dir}/head.safetensors: projection {tuple(head['item_proj.weight'].shape)} does not fit "
               f"item vectors of size {item_table.shape[1]}", file=sys.stderr)
-        raise ValueError("item cache and checkpoint disagree on the item embedding size")
+        raise UserError("item cache and checkpoint disagree on the item embedding size")
     model.item_proj.load_state_dict({"weight": head["item_proj.weight"], "bias": head["item_proj.bias"]})
     with torch.no_grad():
         model.logit_scale.copy_(head["logit_scale"][0])

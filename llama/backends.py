@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from utils import UserError
+
 
 class TransformersBackend:
     MIN_PREFIX = 8  # shorter shared prefixes are not worth a cache
@@ -121,7 +123,7 @@ class VLLMBackend:
         return [o.outputs[0].text for o in self.llm.chat(dialogs, params, use_tqdm=False)]
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """An OpenAI-compatible server kept failing (after retries) or answered something unreadable."""
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, torchrun included
 
 from llama import Llama  # noqa: E402
+from utils import report_user_errors  # noqa: E402
+
+report_user_errors()
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt_dir", default=None, help="HF folder/hub id, .gguf, Meta Llama 3 folder; default SmolLM2")

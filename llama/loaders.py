@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from utils import UserError
+
 FORMATS = ("formats understood: a Hugging Face model folder (config.json + *.safetensors/*.bin) or hub id; "
            "a .gguf file or a folder holding one; Meta's original Llama 3 folder (params.json + consolidated.*.pth, "
            "with a tiktoken tokenizer.model); or nothing, for the default SmolLM2-135M-Instruct GGUF "
@@ -24,7 +26,7 @@ FORMATS = ("formats understood: a Hugging Face model folder (config.json + *.saf
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     pass
 
 

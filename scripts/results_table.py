@@ -1,20 +1,31 @@
 """Print every results_*.json of a checkpoint dir as one table: python scripts/results_table.py CHECKPOINT_DIR"""
-import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+
+from dataset import read_json  # noqa: E402
+from utils import UserError, report_user_errors  # noqa: E402
+
+report_user_errors()
+if len(sys.argv) != 2:
+    raise UserError("usage: python scripts/results_table.py CHECKPOINT_DIR")
 ckpt = Path(sys.argv[1])
 files = sorted(ckpt.glob("results_*.json"))
 if not files:
-    sys.exit(f"{ckpt}: no results_*.json yet (run seq.py, topn.py, exp.py)")
+    raise UserError(f"{ckpt}: no results_*.json yet (run seq.py, topn.py, exp.py)")
 print(f"\nresults in {ckpt}")
 for f in files:
-    r = json.loads(f.read_text())
-    where = f"{r['task']} ({r['protocol']}, {r['users']} users, item ids {r['item_ids']})"
-    personal = r["results"].get("personalisation", {})
+    r = read_json(f)
+    try:
+        where = f"{r['task']} ({r['protocol']}, {r['users']} users, item ids {r['item_ids']})"
+        results = r["results"]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{f}: not a results file of seq.py / topn.py / exp.py (no {e})") from None
+    personal = results.get("personalisation", {})
     if personal and not isinstance(next(iter(personal.values())), dict):      # top-N: the model's figures only
-        personal = {next(iter(r["results"])): personal}
-    for name, row in r["results"].items():
+        personal = {next(iter(results)): personal}
+    for name, row in results.items():
         if isinstance(row, dict) and name not in ("list_quality", "personalisation"):
             scale = 100 if r["task"] in ("seq", "topn") else 1
             cells = "  ".join(f"{k} {v * scale:6.2f}" for k, v in row.items())

@@ -8,6 +8,7 @@ from transformers import T5ForConditionalGeneration
 
 from cooccurrence import cooc_scores, cooccurrence, item_vectors
 from dataset import Dataset
+from utils import UserError
 from evaluation import cooc_next, cooc_rule, popularity
 from module import init_item_embeddings, item_word, t5_config_for
 
@@ -97,5 +98,5 @@ def test_init_item_embeddings_sets_atomic_item_rows(small_ds, atomic_tokenizer, 
     init_item_embeddings(t5, atomic, vectors, std=2.0)                       # pretrain.py's from-scratch scale: 1
     assert t5.shared.weight.detach()[rows].std().item() == pytest.approx(2.0, rel=1e-5)
     assert torch.equal(t5.shared.weight.detach()[untouched], before[untouched])
-    with pytest.raises(ValueError, match="--id_tokens atomic"):                # piece ids: no row per item
+    with pytest.raises(UserError, match="--id_tokens atomic"):                # piece ids: no row per item
         init_item_embeddings(T5ForConditionalGeneration(t5_config_for("tiny", tokenizer)), tokenizer, vectors)

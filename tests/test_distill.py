@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from data import distill
+from dataset import DataError
+from utils import UserError
 from data.stages import STAGES, load_prompts, parse_answer, render_dialog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,7 +223,7 @@ def test_a_prompt_the_backend_refuses_fails_alone(tmp_path):
 
 def test_backend_down_stops_the_run(tmp_path):
     data_dir = make_dataset(tmp_path / "toys")
-    with pytest.raises(RuntimeError, match="failed 5 batches in a row"):
+    with pytest.raises(UserError, match="failed 5 batches in a row"):
         run(data_dir, Fake(fail_batches=range(100)))
 
 
@@ -287,14 +289,14 @@ def test_not_a_dataset_is_a_clear_error(tmp_path):
     (tmp_path / "explanation.json").write_text('{"train": [\n{"user": 1,}\n]}')
     with pytest.raises(ValueError, match=r"explanation.json:2: not valid JSON"):
         run(tmp_path, Fake())
-    with pytest.raises(FileNotFoundError, match="explanation.json: not found"):
+    with pytest.raises(DataError, match="explanation.json: not found"):
         run(tmp_path / "nowhere", Fake())
 
 
 def test_a_stage_without_its_inputs_is_a_clear_error(tmp_path):
     data_dir = make_dataset(tmp_path / "toys")
     run(data_dir, Fake(), "--stages", "1")
-    with pytest.raises(RuntimeError, match=r"stage 3 'audience' needs 'user_personality' from stage 2 'personality'.*"
+    with pytest.raises(UserError, match=r"stage 3 'audience' needs 'user_personality' from stage 2 'personality'.*"
                                            r"run stage 2 first, e\.g\. --stages 2,3"):
         run(data_dir, Fake(), "--stages", "3")
     fake = Fake()
@@ -312,7 +314,7 @@ def test_redoing_a_stage_makes_the_later_ones_stale(tmp_path, capsys):
     assert len(redo.answered) == 24
     assert "no current answer yet for: stage 2 (25 records), stage 3 (25 records), stage 4 (25 records)" \
         in capsys.readouterr().out
-    with pytest.raises(RuntimeError, match=r"stage 3 'audience' needs 'user_personality' from stage 2 'personality'"
+    with pytest.raises(UserError, match=r"stage 3 'audience' needs 'user_personality' from stage 2 'personality'"
                                            r".*made before an earlier stage was redone.*--stages 2,3"):
         run(data_dir, Fake(), "--stages", "3", "--prompts", str(edited))
     rest = Fake()

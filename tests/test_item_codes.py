@@ -9,6 +9,7 @@ import pytest
 
 import tasks
 from dataset import DataError, Dataset
+from utils import UserError
 from hllm.data import item_texts, read_titles
 from item_codes import (code_tokens, hierarchical_codes, item_codes, item_map_for, parse_branching,
                         sequential_item_map)
@@ -31,7 +32,7 @@ def test_sequential_numbering_reads_training_parts_only():
 
 
 def test_unknown_scheme_and_bad_branching_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown --item_ids 'bogus'"):
+    with pytest.raises(UserError, match="unknown --item_ids 'bogus'"):
         item_map_for("bogus", toy({1: [1, 2, 3]}, 3), 1)
     for bad in ("", "8,x", "1,4", "2,2,2,2,2,2,2,2"):
         with pytest.raises(DataError, match="--code_branching"):
@@ -146,5 +147,5 @@ def test_item_ids_flag_errors(small_data_dir, tmp_path, python, script_env):
     assert bad.returncode == 2 and "invalid choice: 'bogus'" in bad.stderr
     pieces = subprocess.run(common + ["--item_ids", "semantic", "--id_tokens", "pieces", "--history", "encoder"],
                             cwd=ROOT, env=script_env, capture_output=True, text=True)
-    assert pieces.returncode == 1 and "needs --id_tokens atomic" in pieces.stderr
+    assert pieces.returncode == 2 and pieces.stderr.startswith("error: --item_ids semantic") and "needs --id_tokens atomic" in pieces.stderr
     assert "Traceback" not in pieces.stderr

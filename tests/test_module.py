@@ -11,6 +11,7 @@ import tasks
 from evaluation import decode_items, recommend_next
 from module import (SIZES, HDRec, ItemTrie, TrieConstraint, add_id_tokens, load_checkpoint, load_pretrained,
                     parse_item, resolve_backbone, save_checkpoint, t5_config_for, tokenizer_from_spm, train_tokenizer)
+from utils import UserError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -286,7 +287,7 @@ def test_checkpoint_file_bytes_are_reproducible(tiny_model, tokenizer, tmp_path)
 
 
 def test_load_checkpoint_without_weights_says_how_to_make_one(tmp_path):
-    with pytest.raises(SystemExit, match="no model.safetensors; train one with pretrain.py"):
+    with pytest.raises(UserError, match="no model.safetensors; train one with pretrain.py"):
         load_checkpoint(tmp_path)
 
 
@@ -336,12 +337,12 @@ def test_sizes_and_backbone_names(tokenizer):
     assert config.decoder_start_token_id == tokenizer.pad_token_id == 0 and config.eos_token_id == 1
     assert set(SIZES) >= {"tiny", "mini", "small"}
     assert t5_config_for("small", tokenizer).d_model == 512 and t5_config_for("small", tokenizer).num_layers == 6
-    with pytest.raises(ValueError, match="unknown model size"):
+    with pytest.raises(UserError, match="unknown model size"):
         t5_config_for("huge", tokenizer)
     assert resolve_backbone("tiny") == "tiny"
     assert resolve_backbone(None, 0) == "t5-small" and resolve_backbone(None, 4) == "t5-11b"
     assert resolve_backbone("/some/folder", 3) == "/some/folder"
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         resolve_backbone(None, 5)
 
 
@@ -393,7 +394,7 @@ def test_pretrained_backbone_from_a_local_folder(tokenizer, encoder, small_ds, t
 
 
 def test_pretrained_backbone_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         load_pretrained(str(tmp_path / "no-such-model"))
     assert "no-such-model" in str(e.value) and "--backbone" in str(e.value)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
 from data.distill import main
+from utils import report_user_errors
 
 if __name__ == "__main__":
+    report_user_errors()
     main(default_data_dir=str(Path(__file__).resolve().parent))
