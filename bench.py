@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from utils import report_user_errors
+from utils import UserError, report_user_errors
 
 report_user_errors()
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -119,13 +119,19 @@ if args._phase:
     run_phase(args._phase, Path(args._work))
     sys.exit()
 
-# the parent: copy the data (negative.txt may have to be written), then one child process per phase
+# the parent: check the data where the user keeps it, copy it (negative.txt may have to be written), then one child
+# process per phase
+from dataset import load_datamaps, load_sequences  # noqa: E402
+
+load_sequences(Path(args.data_dir) / "sequential.txt", *load_datamaps(Path(args.data_dir) / "datamaps.json"))
 with tempfile.TemporaryDirectory() as tmp:
     work = Path(tmp)
     shutil.copytree(args.data_dir, work / "data")
     for phase in args.phases.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--_phase", phase, "--_work", str(work)]
         res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode == 2:          # the child's one-line user error
+            raise UserError(f"phase {phase}: " + res.stderr.strip().splitlines()[-1].removeprefix("error: "))
         if res.returncode:
             sys.exit(f"phase {phase} failed:\n{res.stderr[-3000:]}")
         r = json.loads(res.stdout.strip().splitlines()[-1])

@@ -8,13 +8,13 @@ with a fixed max_gen_len, so every batch size produces the same answers and only
     python bench_llm.py --ckpt_dir llama/llama-3-8b-instruct/ --tokenizer_path llama/tokenizer.model
 """
 import argparse
-import json
 import threading
 import time
 from pathlib import Path
 
 import torch
 
+from dataset import read_json
 from llama import Llama
 from utils import UserError, report_user_errors
 
@@ -40,7 +40,7 @@ SYSTEM = ("Use two extremely short sentences to reply. The first one is '1. The 
           "The second one is '2. The item's attributes are xxx.'")
 USER = ('A user bought an item and said "{}". Use two sentences to explain the user\'s preference and the '
         "item's attributes, respectively.")
-records = json.loads(Path(args.data).read_text())["train"]
+records = read_json(args.data).get("train") or []
 sentences = [r["explanation"] for r in records][:args.num_prompts]
 if len(sentences) < args.num_prompts:
     raise UserError(f"{args.data}: only {len(sentences)} train records, --num_prompts asks for {args.num_prompts}")

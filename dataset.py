@@ -57,6 +57,27 @@ def read_json(path):
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
+def read_yaml(path):
+    """A YAML mapping (prompts, config overrides); a bad file names its line."""
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise DataError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a mapping of names to values, found {type(data).__name__}")
+    return data
+
+
 def load_sequences(path, id2user=None, id2item=None):
     """sequential.txt -> {user: [item, ...]} in file order, validated (against datamaps when given)."""
     path = Path(path)
@@ -212,6 +233,8 @@ def load_dataset(data_dir, negatives_seed=2022, log=print):
     """Load and validate a dataset dir. When negative.txt is missing it is generated once (seeded) and written
     beside the data."""
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such dataset folder (it needs sequential.txt and datamaps.json)")
     seq_path, maps_path, neg_path = data_dir / "sequential.txt", data_dir / "datamaps.json", data_dir / "negative.txt"
     id2user, id2item = load_datamaps(maps_path)
     sequences = load_sequences(seq_path, id2user, id2item)

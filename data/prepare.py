@@ -345,10 +345,7 @@ def prepare(args, selector=None, log=print):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        summary = prepare(args)
-    except DataError as e:
-        sys.exit(f"prepare: {e}")
+    summary = prepare(args)
     bad = summary["bad_lines"]
     print(f"{args.reviews} -> {args.out}\n"
           f"  lines {summary['lines']}, valid reviews {summary['valid_reviews']}, "

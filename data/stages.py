@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
-from dataset import DataError
+from dataset import DataError, read_yaml
 
 PROMPTS_FILE = Path(__file__).with_name("prompts.yaml")
 
@@ -251,7 +249,7 @@ EMPTY, REFUSAL_REASON, RESTATEMENT, UNPARSEABLE = "empty answer", "refusal", "re
 def load_prompts(path=PROMPTS_FILE):
     """{stage name: {"system": str, "user": str}}, checked against what each stage may read."""
     path = Path(path)
-    prompts = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    prompts = read_yaml(path)
     for stage in STAGES:
         prompt = prompts.get(stage.name)
         if not isinstance(prompt, dict) or not isinstance(prompt.get("user"), str):

@@ -99,6 +99,8 @@ def resolve_dataset(dataset=None, data_dir=None):
             return "p5", where, name or where.name
         if name and (where / "dataset" / f"{name}.csv").exists():
             return "pixelrec", where, name
+    if data_dir and not dataset:
+        raise DataError(f"{Path(data_dir) / 'sequential.txt'}: file not found (--data_dir names no dataset)")
     raise DataError(f"dataset {dataset!r} not found: looked for sequential.txt or dataset/{name}.csv in "
                     f"{', '.join(map(str, candidates)) or 'nowhere (give --dataset or --data_dir)'}")
 

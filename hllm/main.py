@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import torch
-import yaml
 
+from dataset import read_yaml
 from hllm.data import TEXT_SOURCES, load_interactions
 from hllm.evaluate import KS, evaluate_model, evaluate_popularity, pad_right
 from hllm.item_caching import build_item_cache, load_item_cache
@@ -90,9 +90,7 @@ def parse_args(argv=None):
         known = {a.dest for a in parser._actions}
         overrides, ignored = {}, []
         for path in args.config_file:
-            if not Path(path).is_file():
-                parser.error(f"--config_file {path}: file not found")
-            for key, value in (yaml.safe_load(Path(path).read_text()) or {}).items():
+            for key, value in read_yaml(path).items():
                 key = YAML_ALIASES.get(key, key)
                 (overrides.__setitem__(key, value) if key in known else ignored.append(key))
         if ignored:

@@ -142,7 +142,8 @@ class OpenAIBackend:
         self.url = chat_url(server_url)
         self.seed, self.concurrency, self.timeout, self.retries, self.backoff = seed, concurrency, timeout, retries, backoff
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
-        self.model_name = model_name or self.served_model()
+        served = self.served_model()        # also checks that the server is there, before any record is queued
+        self.model_name = model_name or served
 
     def post_or_get(self, url, body=None):
         headers = {"Content-Type": "application/json"}
@@ -154,10 +155,17 @@ class OpenAIBackend:
             return json.loads(response.read())
 
     def served_model(self):
-        """The model the server serves (vLLM and llama.cpp list it at /v1/models); servers ignoring it get 'default'."""
+        """The model the server serves (vLLM and llama.cpp list it at /v1/models); servers ignoring it get 'default'.
+        A server that cannot be reached at all is an error now, not after every batch has failed."""
+        base = self.url.rsplit("/chat/completions", 1)[0]
         try:
-            return self.post_or_get(self.url.rsplit("/chat/completions", 1)[0] + "/models")["data"][0]["id"]
-        except Exception:
+            return self.post_or_get(base + "/models")["data"][0]["id"]
+        except urllib.error.HTTPError:
+            return "default"
+        except (urllib.error.URLError, ConnectionError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ServerError(f"{base}: cannot reach the server ({type(reason).__name__}: {reason})") from None
+        except (ValueError, KeyError, IndexError, TypeError):
             return "default"
 
     def complete(self, dialog, temperature, top_p, max_gen_len):

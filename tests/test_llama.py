@@ -377,9 +377,15 @@ def test_server_backend_gives_up_with_clear_error(stub):
 
 
 def test_server_unreachable(tmp_path):
-    gen = Llama.build(backend="openai", server_url="http://127.0.0.1:9", model_name="m", timeout=0.5, retries=1,
-                      backoff=0.01)
-    with pytest.raises(ServerError, match="127.0.0.1:9.*failed after 2 attempts"):
+    with pytest.raises(ServerError, match=r"127.0.0.1:9/v1: cannot reach the server"):   # at once, not per batch
+        Llama.build(backend="openai", server_url="http://127.0.0.1:9", model_name="m", timeout=0.5)
+
+
+def test_server_that_goes_away_fails_after_its_retries(stub):
+    gen = Llama.build(backend="openai", server_url=stub.url, model_name="m", timeout=0.5, retries=1, backoff=0.01)
+    stub.server.shutdown()
+    stub.server.server_close()
+    with pytest.raises(ServerError, match=r"failed after 2 attempts"):
         gen.chat_completion([[{"role": "user", "content": "hi"}]])
 
 
