@@ -426,8 +426,11 @@ stop = False
 train_sums = {}
 for epoch in range(start_epoch, args.epochs + 1):
     plan = tasks.epoch_plan(ds, ratio, args.batch_size, args.seed, epoch, rank, world)
-    val_points = set(range(args.val_every, len(plan) + 1, args.val_every)) if args.val_every else set()
-    val_points.add(len(plan))
+    # every --val_every steps and at the epoch's end; a point less than half an interval before the end is dropped
+    # (it would spend a validation, and a count of --endure_times, on a few more steps)
+    val_points = {len(plan)}
+    if args.val_every:
+        val_points |= {s for s in range(args.val_every, len(plan), args.val_every) if len(plan) - s >= args.val_every / 2}
     bar = progress_bar(range(start_step, len(plan)), initial=start_step, total=len(plan), disable=not is_main,
                        desc=f"epoch {epoch}")
     for step in bar:
