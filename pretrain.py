@@ -350,7 +350,9 @@ def save_state(epoch, step, rng, best, endured, history):
             tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous()
     save_file(tensors, str(last_tmp / state_tensors.name))
     atomic_write_json(last_tmp / state_json.name, {"epoch": epoch, "step": step, "rng": rng_states, "best": best,
-                                                   "endured": endured, "history": history, "item_map": item_map})
+                                                   "endured": endured, "history": history, "item_map": item_map,
+                                                   "samples": samples, "train_sums": train_sums,
+                                                   "minutes": minutes_before + (time.time() - t0) / 60})
     if last.exists():
         last.rename(last_old)
     last_tmp.rename(last)
@@ -419,11 +421,12 @@ else:
     start_epoch, start_step, rng = 1, 0, random.Random(f"{args.seed}-train-{rank}")
     best, endured, history = math.inf, 0, []
 t0 = time.time()
-minutes_before = history[-1]["minutes"] if history else 0.0     # a resumed run keeps its earlier minutes
+minutes_before = state.get("minutes", history[-1]["minutes"] if history else 0.0) if resuming else 0.0  # kept on resume
 last_save = time.time()
-samples = history[-1]["samples"] if history else 0
+# samples seen and the training loss since the last validation (a resumed run goes on counting both)
+samples = state.get("samples", history[-1]["samples"] if history else 0) if resuming else 0
 stop = False
-train_sums = {}
+train_sums = state.get("train_sums", {}) if resuming else {}
 for epoch in range(start_epoch, args.epochs + 1):
     plan = tasks.epoch_plan(ds, ratio, args.batch_size, args.seed, epoch, rank, world)
     # every --val_every steps and at the epoch's end; a point less than half an interval before the end is dropped
