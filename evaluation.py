@@ -225,11 +225,14 @@ def print_table(rows, title):
                                            for m, c in zip(metrics, cols)))
 
 
-def write_results(args, name, meta, ds, users, results, started, ranks=None):
+def write_results(args, name, meta, ds, users, results, started, ranks=None, reference_ranks=None):
     """results_{name}[_paper].json in the checkpoint dir; ranks: the model's 0-based rank of each user's held-out
-    item (-1: not in its list), in the order of `user_ids`, for paired comparisons between runs without a rerun."""
+    item (-1: not in its list), in the order of `user_ids`, and reference_ranks the same for each reference rule,
+    for paired comparisons (scripts/repeat.py compare) without a rerun."""
     path = Path(args.checkpoint) / f"results_{name}{'' if args.protocol == 'clean' else '_paper'}.json"
     per_user = {} if ranks is None else {"user_ids": list(users), "ranks": [-1 if r is None else r for r in ranks]}
+    if reference_ranks:
+        per_user["reference_ranks"] = {rule: [-1 if r is None else r for r in rs] for rule, rs in reference_ranks.items()}
     atomic_write_json(path, {
         "task": name, "protocol": args.protocol, "users": len(users), "all_users": len(ds.users),
         "item_ids": meta.get("item_ids", "published"), "results": results, "seconds": time.time() - started,

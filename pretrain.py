@@ -423,6 +423,10 @@ else:
 t0 = time.time()
 minutes_before = state.get("minutes", history[-1]["minutes"] if history else 0.0) if resuming else 0.0  # kept on resume
 last_save = time.time()
+if resuming and (endured >= args.endure_times or (args.max_minutes and minutes_before >= args.max_minutes)):
+    log(f"{out}: this run has ended ({'early stop' if endured >= args.endure_times else 'time budget used'}); "
+        "nothing to do (a larger --endure_times or --max_minutes goes on)")
+    start_epoch = args.epochs + 1
 # samples seen and the training loss since the last validation (a resumed run goes on counting both)
 samples = state.get("samples", history[-1]["samples"] if history else 0) if resuming else 0
 stop = False

@@ -34,8 +34,8 @@ speed = len(users) / (time.time() - t0)
 references = reference_lists(ds, users, args.top_k)
 model_name = f"HDRec ({args.protocol})"
 all_lists = {model_name: lists, **references}
-rows = {name: ranking_metrics(rank_of(ds.test_item(u), items) for u, items in zip(users, ls))
-        for name, ls in all_lists.items()}
+ranks = {name: [rank_of(ds.test_item(u), items) for u, items in zip(users, ls)] for name, ls in all_lists.items()}
+rows = {name: ranking_metrics(r) for name, r in ranks.items()}
 personal = {name: personalisation(ls, references["most_popular"], ds.num_items) for name, ls in all_lists.items()}
 if args.sensitivity_users:
     # the model's own lists with nothing excluded, before and after the swap
@@ -53,4 +53,4 @@ quality = list_quality(lists, ds, users, ds.num_items)
 print("top-k lists: " + ", ".join(f"{k} {v}" for k, v in quality.items()))
 write_results(args, "seq", meta, ds, users, {**rows, "personalisation": personal, "list_quality": quality,
                                              "users_per_second": speed}, started,
-              ranks=[rank_of(ds.test_item(u), items) for u, items in zip(users, lists)])
+              ranks=ranks[model_name], reference_ranks={n: r for n, r in ranks.items() if n != model_name})

@@ -45,4 +45,4 @@ if personal.get("input_sensitivity", 1) < 0.5:
           f"({personal['input_sensitivity']:.1%} change when it is swapped)"
           + (": the paper's top-N prompt holds only the user id" if history == "encoder" else ""))
 write_results(args, "topn", meta, ds, users, {**rows, "personalisation": personal, "users_per_second": speed}, started,
-              ranks=ranks)
+              ranks=ranks, reference_ranks=reference_ranks)

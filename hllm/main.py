@@ -23,7 +23,7 @@ import torch
 
 from dataset import read_yaml
 from hllm.data import TEXT_SOURCES, load_interactions
-from hllm.evaluate import KS, evaluate_model, evaluate_popularity, pad_right
+from hllm.evaluate import KS, eval_cases, evaluate_model, evaluate_popularity, pad_right
 from hllm.item_caching import build_item_cache, load_item_cache
 from hllm.model import (LOSSES, build_user_llm, load_user_llm, resolve_mode, save_user_llm,
                         trainable_parameters)
@@ -214,14 +214,19 @@ def main(argv=None):
         print(f"fine-tuning: {mode}, {n_train:,} trainable parameters")
         history = train(model, ds, args, device, out_dir)
         model, _ = load_user_llm(out_dir, item_table, device)  # the best epoch
-    results[label] = {s: evaluate_model(model, ds, s, args.eval_batch_size, args.max_seq_len, device)[0]
-                      for s in ("val", "test")}
+    results[label], ranks = {}, {}
+    for split in ("val", "test"):
+        results[label][split], ranks[split] = evaluate_model(model, ds, split, args.eval_batch_size, args.max_seq_len,
+                                                             device)
     print_table({"most popular": results["popularity"], label: results[label]})
 
     report = {"mode": mode, "model": label, "metrics": results[label], "popularity": results["popularity"],
               "train_log": history, "config": vars(args), "item_cache": {**cache_meta, "raw_ids": None,
                                                                            "sha256": file_sha256(cache)},
-              "data_hashes": ds.hashes, "versions": versions()}
+              "data_hashes": ds.hashes, "versions": versions(),
+              # per test user (0-based rank over all items, bought ones excluded), for paired comparisons
+              "user_ids": [user for user, _, _ in eval_cases(ds, "test")], "ranks": ranks["test"],
+              "reference_ranks": {"most_popular": evaluate_popularity(ds, "test")[1]}}
     name = "results_val_only.json" if mode == "none" else "results.json"
     atomic_write_json(out_dir / name, report)
     print(f"results -> {out_dir / name}")

@@ -209,6 +209,10 @@ def test_resume_continues_where_it_stopped(random_run, data64, tmp_path, python,
     assert (state["epoch"], state["step"]) == (1, 1)
     assert not (resumed / "results_seq.json").exists()
 
+    log = train_random(python, script_env, data64, resumed, "--max_minutes", "0.0001")    # the same budget: used up
+    assert "this run has ended (time budget used); nothing to do" in log
+    assert json.loads((resumed / "last" / "train_state.json").read_text())["step"] == 1
+
     log = train_random(python, script_env, data64, resumed)
     assert f"resuming from {resumed} at epoch 1 step 1" in log
     assert "training a SentencePiece tokenizer" not in log                  # the checkpoint's tokenizer is reused
@@ -230,7 +234,8 @@ def test_resume_after_a_crash_between_state_files(random_run, data64, tmp_path, 
     train_random(python, script_env, data64, crashed, "--max_minutes", "0.0001")          # state at step 1
     step1 = crashed / "step1"
     shutil.copytree(crashed / "last", step1)
-    train_random(python, script_env, data64, crashed, "--max_minutes", "0.0001")          # state at step 2
+    minutes = json.loads((crashed / "last" / "train_state.json").read_text())["minutes"]
+    train_random(python, script_env, data64, crashed, "--max_minutes", minutes + 1e-6)    # state at step 2
     assert json.loads((crashed / "last" / "train_state.json").read_text())["step"] == 2
     # a kill in the middle of saving step 3: last.tmp half written (here: an older state), and the rename of
     # last -> last.old done but not last.tmp -> last. The complete step-2 state must win.

@@ -1,0 +1,112 @@
+"""scripts/repeat.py: mean ± std over seeds and paired tests over users, checked against hand-computed cases; and a
+real two-seed run of the tiny model that resumes without redoing anything."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import ROOT, make_slice, quiet
+from dataset import load_dataset
+from utils import UserError
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import repeat  # noqa: E402
+
+
+def results_file(path, seed, ranks, rule_ranks, users=None):
+    users = users or list(range(1, len(ranks) + 1))
+    from metrics import ranking_metrics
+    norm = lambda rs: [None if r < 0 else r for r in rs]       # noqa: E731
+    data = {"task": "seq", "protocol": "clean", "users": len(users), "config": {"seed": seed},
+            "results": {"HDRec (clean)": ranking_metrics(norm(ranks)), "co_occurrence": ranking_metrics(norm(rule_ranks)),
+                        "list_quality": {"lists_with_invalid_id": 0}, "users_per_second": 3.0},
+            "user_ids": users, "ranks": ranks, "reference_ranks": {"co_occurrence": rule_ranks}}
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def three_seeds(tmp_path):
+    # 4 users; the rule is the same in every run (it has no seed)
+    rule = [0, -1, 12, 3]
+    runs = [[0, 1, -1, -1], [1, 1, 9, -1], [0, -1, -1, 2]]
+    return [results_file(tmp_path / f"s{seed}.json", seed, r, rule) for seed, r in zip((1, 2, 3), runs)], runs, rule
+
+
+def test_summary_is_mean_and_sample_std(three_seeds, capsys):
+    files, runs, _ = three_seeds
+    out = repeat.summary(files)["seq (clean)"]
+    # HR@10 per run: 2/4, 3/4, 2/4 -> mean 7/12, sample std sqrt(((1/12)^2 * 2 + (2/12)^2) / 2) = 0.1443...
+    mean, std, n = out["HDRec (clean)"]["HR@10"]
+    assert n == 3 and mean == pytest.approx(7 / 12) and std == pytest.approx(math.sqrt((2 * (1 / 12) ** 2 + (2 / 12) ** 2) / 2))
+    # NDCG@10 of run 1: (1 + 1/log2(3)) / 4
+    assert out["HDRec (clean)"]["NDCG@10"][0] == pytest.approx(np.mean([
+        (1 + 1 / math.log2(3)) / 4, (2 / math.log2(3) + 1 / math.log2(11)) / 4, (1 + 1 / math.log2(4)) / 4]))
+    assert out["co_occurrence"]["HR@10"][:2] == (pytest.approx(0.5), 0.0)
+    table = capsys.readouterr().out
+    assert "| HDRec (clean) | " in table and "0.5833 ± 0.1443" in table and "list_quality" not in table
+
+
+def test_compare_averages_each_user_over_seeds_then_pairs(three_seeds):
+    files, runs, rule = three_seeds
+    res = repeat.compare(repeat_args(files, vs_rule="co_occurrence", metric="HR@10"))
+    # per-user HR@10 averaged over seeds: user1 1, user2 2/3, user3 1/3, user4 1/3; the rule: 1, 0, 0, 1
+    a, b = np.array([1, 2 / 3, 1 / 3, 1 / 3]), np.array([1.0, 0, 0, 1])
+    assert res["users"] == 4 and res["mean_a"] == pytest.approx(a.mean()) and res["mean_b"] == pytest.approx(b.mean())
+    d = a - b                                   # the paired t statistic by hand
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    assert res["t_test_p"] == pytest.approx(2 * stats.t.sf(abs(t), len(d) - 1))
+    assert res["wilcoxon_p"] == pytest.approx(stats.wilcoxon(a, b).pvalue)
+
+
+def test_compare_two_configurations_on_shared_users_only(tmp_path):
+    a = [results_file(tmp_path / "a.json", 1, [0, 0, 0, -1, 5], [0] * 5)]
+    b = [results_file(tmp_path / "b.json", 1, [-1, 0, 3, -1], [0] * 4, users=[1, 2, 3, 9])]
+    res = repeat.compare(repeat_args(a, vs=b, metric="HR@1"))
+    assert res["users"] == 3 and res["mean_a"] == 1.0 and res["mean_b"] == pytest.approx(1 / 3)
+    same = repeat.compare(repeat_args(a, vs=a))
+    assert same["difference"] == 0 and same["t_test_p"] == 1.0 and same["wilcoxon_p"] == 1.0
+
+
+def test_bad_input_is_a_user_error(tmp_path, three_seeds):
+    files, _, _ = three_seeds
+    with pytest.raises(UserError, match="no per-user ranks of 'nope'"):
+        repeat.compare(repeat_args(files, vs_rule="nope"))
+    with pytest.raises(UserError, match="--metric 'MRR'"):
+        repeat.compare(repeat_args(files, vs_rule="co_occurrence", metric="MRR"))
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"task": "seq", "protocol": "clean", "results": {}}))
+    with pytest.raises(UserError, match="old.json: no per-user ranks"):
+        repeat.compare(repeat_args([old], vs_rule="co_occurrence"))
+    with pytest.raises(UserError, match="--seed is set by repeat.py"):
+        repeat.main(["run", "--out", str(tmp_path), "--", "--data_dir", "x", "--seed", "3"])
+    with pytest.raises(UserError, match="--seeds '1,1'"):
+        repeat.main(["run", "--seeds", "1,1", "--out", str(tmp_path), "--", "--data_dir", "x"])
+
+
+def repeat_args(files, vs=None, vs_rule=None, metric="NDCG@10"):
+    import argparse
+    return argparse.Namespace(files=files, vs=vs, vs_rule=vs_rule, metric=metric)
+
+
+@pytest.mark.slow
+def test_two_seeds_of_the_tiny_model_end_to_end(tmp_path, python, script_env):
+    data = make_slice(tmp_path / "data", 64, seed=1)
+    load_dataset(data, log=quiet)
+    cmd = [python, "scripts/repeat.py", "run", "--seeds", "1,2", "--out", str(tmp_path / "runs"), "--eval", "seq",
+           "--eval_args", "--sensitivity_users 8", "--", "--data_dir", str(data), "--backbone", "tiny",
+           "--ratio", "0:1:0:0", "--epochs", "1", "--batch_size", "32", "--val_users", "20", "--rank_users", "20"]
+    first = subprocess.run(cmd, cwd=ROOT, env=script_env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    files = [tmp_path / "runs" / f"seed_{s}" / "results_seq.json" for s in (1, 2)]
+    assert [json.loads(f.read_text())["config"]["seed"] for f in files] == [1, 2]
+    assert "seq (clean), 2 runs (seeds 1, 2), users [64]" in first.stdout and " ± " in first.stdout
+    again = subprocess.run(cmd, cwd=ROOT, env=script_env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("already evaluated") == 2
+    compared = subprocess.run([python, "scripts/repeat.py", "compare", *map(str, files), "--vs_rule", "most_popular"],
+                              cwd=ROOT, env=script_env, capture_output=True, text=True)
+    assert compared.returncode == 0 and "paired over 64 users" in compared.stdout and "Wilcoxon p" in compared.stdout
