@@ -69,6 +69,9 @@ def main():
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--seed", type=int, default=2022)
     args = p.parse_args()
+    if args.data_dir and not args.item_cache:
+        p.error("--data_dir needs --item_cache (the real items' embeddings, from hllm/item_caching.py)")
+    ds = load_interactions(args.data_dir) if args.data_dir else None      # bad data fails now, not after phase 1
     seed_everything(args.seed)
     device = pick_device(args.cuda)
     generator = torch.Generator().manual_seed(args.seed)
@@ -92,7 +95,6 @@ def main():
 
     # 2. training and 3. evaluation of the user LLM
     if args.data_dir:
-        ds = load_interactions(args.data_dir)
         embeddings, _ = load_item_cache(args.item_cache, list(range(1, ds.num_items + 1)), ds.id2item)
     else:
         ds = synthetic_dataset(args.users, args.items, args.length, generator)

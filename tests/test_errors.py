@@ -124,6 +124,10 @@ def cases(w):
         # HSFT
         (["hllm/main.py", "--data_dir", r / "nowhere"], r"nowhere/sequential.txt: file not found"),
         (["hllm/main.py", "--data_dir", data, "--config_file", r / "config.yaml"], r"config.yaml:\d+: not valid YAML"),
+        (["hllm/bench.py", "--data_dir", r / "nowhere", "--item_cache", r / "cache.safetensors"],
+         r"nowhere/sequential.txt: file not found"),
+        (["scripts/repeat.py", "compare", r / "bad_results" / "results_seq.json", "--vs_rule", "co_occurrence"],
+         r"bad_results/results_seq.json:1: not valid JSON"),
         (["hllm/item_caching.py", "--data_dir", w["bad_id"], "--out", r / "cache.safetensors"],
          r"bad_id/sequential.txt:3: non-integer id"),
     ]
@@ -144,7 +148,8 @@ def test_every_entry_point_fails_in_one_line(work, python, script_env):
     covered = {str(argv[0]) for argv, _ in todo}
     entry_points = {"pretrain.py", "seq.py", "topn.py", "exp.py", "bench.py", "bench_llm.py", "dataset.py",
                     "data/prepare.py", "data/distill.py", "data/toys/distillation_toys.py", "hllm/main.py",
-                    "hllm/item_caching.py", "llama/example_chat_completion.py", "scripts/results_table.py"}
+                    "hllm/item_caching.py", "hllm/bench.py", "llama/example_chat_completion.py", "scripts/results_table.py",
+                    "scripts/repeat.py"}
     assert entry_points <= covered
 
 
