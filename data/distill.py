@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import utils
 from dataset import DataError, read_json
+from data.quality import format_report, quality_report, report_path
 from data.stages import PRODUCER, STAGES, fallback_fields, load_prompts, parse_answer, render_dialog, PROMPTS_FILE
 
 BACKEND_FAILURE = "backend failure"
@@ -34,7 +35,7 @@ MAX_FAILED_BATCHES_IN_A_ROW = 5  # then the backend is down (or misconfigured): 
 
 def parse_args(argv=None, default_data_dir=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", default=default_data_dir, required=default_data_dir is None,
+    p.add_argument("--data_dir", default=default_data_dir,
                    help="dataset dir holding explanation.json" + (f" (default: {default_data_dir})" if default_data_dir else ""))
     p.add_argument("--ckpt_dir", default=None, help="model: HF folder or hub id, GGUF file, Meta Llama 3 folder "
                                                     "(default: SmolLM2-135M-Instruct)")
@@ -56,7 +57,11 @@ def parse_args(argv=None, default_data_dir=None):
     p.add_argument("--skip_bad_records", action="store_true", help="skip (and count) records missing a field")
     p.add_argument("--prompts", default=str(PROMPTS_FILE), help="the prompts file")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--report", metavar="DATA_DIR", default=None,
+                   help="print the quality report of an existing run (no model is loaded) and stop")
     args = p.parse_args(argv)
+    if not args.data_dir and not args.report:
+        p.error("the following arguments are required: --data_dir")
     try:
         args.stages = sorted({int(s) for s in str(args.stages).split(",") if s.strip()})
     except ValueError:
@@ -392,6 +397,7 @@ def distill(args, generator):
 
     if rank != 0:
         return None
+    write_report(data_dir, records, outputs, prompts, args.prompts)
     unfinished = {number: len(keys) for number, keys in behind(records, outputs, prompts).items() if keys}
     if unfinished:
         print(f"no current answer yet for: {', '.join(f'stage {n} ({k} records)' for n, k in unfinished.items())}; "
@@ -405,8 +411,30 @@ def distill(args, generator):
     return path
 
 
+def write_report(data_dir, records, outputs, prompts, prompts_file):
+    """distill_report.json (data/quality.py) for the records of this run, printed as a table."""
+    report = quality_report(outputs, records, prompts)
+    path = report_path(data_dir)
+    utils.atomic_write_json(path, {"data_dir": str(data_dir), "records": len(records), "prompts": str(prompts_file),
+                                   "stages": report})
+    print("\n" + format_report(report, f"quality of the answers on file ({len(records)} records) -> {path}"))
+    return report
+
+
+def show_report(data_dir, prompts_file):
+    """--report: the table of an existing run, recomputed from its stage files (and written again)."""
+    data_dir = Path(data_dir)
+    records, _, _ = load_records(data_dir / "explanation.json")
+    outputs = {stage.number: read_stage(data_dir / "distill", stage.number) for stage in STAGES}
+    if not any(outputs.values()):
+        raise DataError(f"{data_dir / 'distill'}: no stage answers yet (run data/distill.py --data_dir {data_dir})")
+    return write_report(data_dir, records, outputs, load_prompts(prompts_file), prompts_file)
+
+
 def main(argv=None, default_data_dir=None):
     args = parse_args(argv, default_data_dir)
+    if args.report:
+        return show_report(args.report, args.prompts)
     utils.seed_everything(args.seed)
     from llama import Llama  # imported here so the pipeline itself can be used (and tested) without a model
     generator = Llama.build(ckpt_dir=args.ckpt_dir, tokenizer_path=args.tokenizer_path, max_seq_len=args.max_seq_len,

@@ -226,19 +226,20 @@ class Stage:
     parse: Callable
     writes: tuple
     fallback: str        # when the answer is unusable, every written field gets this field's value (the paper's rule)
+    max_words: int       # what the prompt asks for, in words per written field (data/quality.py counts answers over it)
 
 
 STAGES = (
     Stage(1, "preference_attributes", ("explanation",),
-          parse_preference_attributes, ("user_preference", "item_attribution"), "explanation"),
+          parse_preference_attributes, ("user_preference", "item_attribution"), "explanation", 20),
     Stage(2, "personality", ("explanation", "user_preference", "item_attribution"),
-          parse_personality, ("user_personality",), "user_preference"),
+          parse_personality, ("user_personality",), "user_preference", 12),
     Stage(3, "audience", ("explanation", "user_preference", "item_attribution", "user_personality"),
-          parse_audience, ("item_audience",), "item_attribution"),
+          parse_audience, ("item_audience",), "item_attribution", 20),
     Stage(4, "review_summary", ("explanation", "user_preference", "item_attribution", "user_personality", "item_audience"),
-          parse_summary, ("review_summary",), "explanation"),
+          parse_summary, ("review_summary",), "explanation", 40),
     Stage(5, "groundtruth_explanation", ("explanation",),
-          parse_explanation, ("groundtruth_explanation",), "explanation"),
+          parse_explanation, ("groundtruth_explanation",), "explanation", MAX_EXPLANATION_WORDS),
 )
 PRODUCER = {field: stage for stage in STAGES for field in stage.writes}  # which stage writes a field
 

@@ -425,3 +425,50 @@ def test_short_real_run_with_the_default_smollm2(tmp_path, capsys):
     assert len(answered) == 15 and not any(line["fallback"] == distill.BACKEND_FAILURE for line in answered)
     assert sum(line["fallback"] is None for line in answered) >= 3, "SmolLM2 answers prompts in the asked format"
     print(out)
+
+
+# ----------------------------------------------------------------------------- the quality report
+
+def test_quality_figures_of_a_hand_made_stage():
+    from data.quality import field_report
+    stage = STAGES[4]                                       # groundtruth_explanation, limit 20 words
+    records = {("train", i): {"explanation": text} for i, text in enumerate(
+        ["great soft brush", "great soft brush", "nice color", "nice color", "cheap", "cheap"])}
+
+    def line(value, fallback=None):
+        return {"outputs": {"groundtruth_explanation": value}, "fallback": fallback}
+    long = " ".join(["word"] * 25)
+    lines = {("train", 0): line("The user wanted a soft brush for travel"),
+             ("train", 1): line("Great, soft brush!"),                                  # the review again
+             ("train", 2): line("You will serve as an assistant to help me explain"),  # the prompt again
+             ("train", 3): line("nice color", fallback="refusal"),                      # the fallback: the review
+             ("train", 4): line("The user likes xxx things"),                           # the template's xxx
+             ("train", 5): line(long)}
+    figures = field_report(stage, "groundtruth_explanation", lines, records, load_prompts()[stage.name])
+    values = [lines[k]["outputs"]["groundtruth_explanation"] for k in sorted(lines)]
+    tokens = [t for v in values for t in re.findall(r"[a-z0-9']+", v.lower())]
+    assert figures["records"] == 6 and figures["fallbacks"] == 1 and figures["fallback_reasons"] == {"refusal": 1}
+    assert (figures["copies_review"], figures["restates_prompt"], figures["template_words"]) == (1, 1, 1)
+    assert figures["distinct_answers"] == 1.0 and figures["distinct_1"] == pytest.approx(len(set(tokens)) / len(tokens))
+    assert figures["mean_words"] == pytest.approx((8 + 3 + 10 + 2 + 5 + 25) / 6) and figures["max_words"] == 25
+    assert figures["over_limit"] == 1 and figures["word_limit"] == 20
+
+
+def test_every_run_writes_a_report_and_report_reprints_it(tmp_path, capsys):
+    data_dir = make_dataset(tmp_path / "toys")
+    run(data_dir, Fake())
+    report = json.loads((data_dir / "distill_report.json").read_text())
+    assert report["records"] == 25 and list(report["stages"]) == [f"stage {s.number} {s.name}" for s in STAGES]
+    stage1 = report["stages"]["stage 1 preference_attributes"]
+    lines = distill.read_stage(data_dir / "distill", 1)
+    assert set(stage1) == {"user_preference", "item_attribution"}
+    assert stage1["user_preference"]["records"] == 25
+    assert stage1["user_preference"]["fallbacks"] == sum(bool(line["fallback"]) for line in lines.values())
+    printed = capsys.readouterr().out
+    assert "quality of the answers on file (25 records)" in printed and "stage 5 groundtruth_explanation / " in printed
+    (data_dir / "distill_report.json").unlink()
+    distill.main(["--report", str(data_dir)])             # no model is loaded
+    assert json.loads((data_dir / "distill_report.json").read_text()) == report
+    assert "stage 1 preference_attributes / user_preference" in capsys.readouterr().out
+    with pytest.raises(DataError, match="no stage answers yet"):
+        distill.main(["--report", str(make_dataset(tmp_path / "fresh"))])
