@@ -1,6 +1,7 @@
 """What seq.py, topn.py and exp.py share: flags, loading a trained run with its data, reference rules, results."""
 import argparse
 import dataclasses
+import json
 import random
 import sys
 import time
@@ -225,6 +226,15 @@ def print_table(rows, title):
                                            for m, c in zip(metrics, cols)))
 
 
+def training_summary(checkpoint, meta):
+    """The checkpoint's training, for tables: the validation it was chosen at and the whole run's minutes."""
+    log = Path(checkpoint) / "train_log.json"
+    history = json.loads(log.read_text()) if log.exists() else []
+    best = meta.get("best") or {}
+    return {"best_epoch": best.get("epoch"), "best_step": best.get("step"), "minutes_at_best": best.get("minutes"),
+            "minutes": history[-1]["minutes"] if history else None, "validations": len(history)}
+
+
 def write_results(args, name, meta, ds, users, results, started, ranks=None, reference_ranks=None):
     """results_{name}[_paper].json in the checkpoint dir; ranks: the model's 0-based rank of each user's held-out
     item (-1: not in its list), in the order of `user_ids`, and reference_ranks the same for each reference rule,
@@ -237,6 +247,7 @@ def write_results(args, name, meta, ds, users, results, started, ranks=None, ref
         "task": name, "protocol": args.protocol, "users": len(users), "all_users": len(ds.users),
         "item_ids": meta.get("item_ids", "published"), "results": results, "seconds": time.time() - started,
         "config": vars(args), "train_config": meta.get("args"), "backbone": meta.get("backbone"),
+        "training": training_summary(args.checkpoint, meta),
         "data_hashes": ds.hashes, "versions": versions(), **per_user})
     print(f"\nwritten {path}")
     return path
