@@ -1,0 +1,138 @@
+"""Every model on one dataset in one table: the results files of runs on the same split and protocol (full ranking
+over all items, the user's history excluded), as a markdown table and a bar chart.
+
+    python scripts/compare.py checkpoint/beauty/results_seq.json checkpoint/hllm/beauty/results.json \
+        --plot compare_beauty.png
+
+Reads what seq.py (`--protocol clean`) and hllm/main.py write (another model's results can join in the seq.py
+format: "task": "seq", "protocol": "clean", "model": its name, "results": {name: metrics}). Each row says its training
+minutes, item ids and seed; the reference rules (most popular, recent popular, co-occurrence) come from the first
+seq.py file. Files whose data hashes differ were run on different splits: that is an error, not a footnote.
+HR@k and Recall@k are the same figure with one held-out item.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dataset import read_json  # noqa: E402
+from utils import UserError, report_user_errors  # noqa: E402
+
+METRICS = ["HR@5", "HR@10", "NDCG@5", "NDCG@10"]
+RULES = ["most_popular", "recent_popular", "co_occurrence"]
+
+
+def figures(row):
+    """HR@k / NDCG@k of a metrics dict, reading Recall@k as HR@k."""
+    out = {}
+    for m in METRICS:
+        value = row.get(m, row.get(m.replace("HR@", "Recall@")))
+        if value is not None:
+            out[m] = float(value)
+    return out
+
+
+def rows_of(path):
+    """[(name, details, figures)] of one results file."""
+    r = read_json(path)
+    if not isinstance(r, dict):
+        raise UserError(f"{path}: not a results file")
+    if "metrics" in r and "popularity" in r:                                   # hllm/main.py
+        cfg = r.get("config", {})
+        minutes = sum(e.get("seconds", 0) for e in r.get("train_log", [])) / 60
+        details = {"minutes": minutes if r.get("train_log") else 0.0, "ids": "item text",
+                   "seed": cfg.get("seed"), "protocol": "full ranking, history excluded"}
+        return [(f"HSFT {r.get('model', '')}".strip(), details, figures(r["metrics"]["test"]))], \
+            {"most_popular": figures(r["popularity"]["test"])}, r.get("data_hashes")
+    if r.get("task") != "seq" or not isinstance(r.get("results"), dict):
+        raise UserError(f"{path}: neither a seq.py nor an hllm/main.py results file")
+    if r.get("protocol") != "clean":
+        raise UserError(f"{path}: protocol {r.get('protocol')!r}; the table compares full ranking with the history "
+                        "excluded (seq.py --protocol clean)")
+    training = r.get("training") or {}
+    train_cfg = r.get("train_config") or {}
+    model = [name for name in r["results"] if name not in RULES and name != "max_history_plus_1"
+             and isinstance(r["results"][name], dict) and "HR@10" in r["results"][name]]
+    name = r.get("model") or (f"T5 {r.get('backbone', '')} ({train_cfg.get('recipe', '?')} recipe, "
+                              f"history in the {train_cfg.get('history', '?')})")
+    details = {"minutes": training.get("minutes"), "ids": r.get("item_ids"),
+               "seed": train_cfg.get("seed", r.get("config", {}).get("seed")),
+               "protocol": "full ranking, history excluded"}
+    rules = {rule: figures(r["results"][rule]) for rule in RULES if rule in r["results"]}
+    return [(name, details, figures(r["results"][model[0]]))], rules, r.get("data_hashes")
+
+
+def table(paths):
+    rows, rules, hashes = [], {}, {}
+    for path in paths:
+        found, their_rules, data_hashes = rows_of(path)
+        for name, details, figs in found:
+            rows.append((name, details, figs, path))
+        for rule, figs in their_rules.items():
+            rules.setdefault(rule, figs)
+        if data_hashes:
+            hashes[path] = data_hashes.get("sequential.txt") if isinstance(data_hashes, dict) else data_hashes
+    if len(set(hashes.values())) > 1:
+        first = next(iter(hashes))
+        other = next(p for p, h in hashes.items() if h != hashes[first])
+        raise UserError(f"{other}: its sequential.txt differs from {first}'s: the runs used different splits")
+    rule_names = {"most_popular": "most popular (no training)", "recent_popular": "recent popular (no training)",
+                  "co_occurrence": "co-occurrence, last 3 items (no training)"}
+    for rule in RULES:
+        if rule in rules:
+            rows.append((rule_names[rule], {"minutes": 0.0, "ids": "any", "seed": None, "protocol": "same"},
+                         rules[rule], None))
+    return rows
+
+
+def markdown(rows):
+    lines = ["| model | minutes | ids | seed | " + " | ".join(METRICS) + " |",
+             "|---|---|---|---|" + "---|" * len(METRICS)]
+    best = {m: max((figs.get(m, -1) for _, _, figs, _ in rows), default=None) for m in METRICS}
+    for name, d, figs, _ in rows:
+        cells = [(f"**{figs[m]:.4f}**" if figs[m] == best[m] else f"{figs[m]:.4f}") if m in figs else "" for m in METRICS]
+        minutes = f"{d['minutes']:.1f}" if d.get("minutes") is not None else "?"
+        lines.append(f"| {name} | {minutes} | {d.get('ids') or ''} | {d.get('seed') if d.get('seed') is not None else ''} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    shown = ["HR@10", "NDCG@10"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
+    for i, m in enumerate(shown):
+        ax.bar(x + (i - 0.5) * 0.38, [figs.get(m, 0) for _, _, figs, _ in rows], 0.38, label=m)
+    ax.set_xticks(x, [name for name, *_ in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("test figure (all users, all items)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(str(out) + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--plot", type=Path, default=None, help="bar chart (PNG) of HR@10 and NDCG@10")
+    args = p.parse_args(argv)
+    rows = table(args.files)
+    text = markdown(rows)
+    print(text)
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"\nchart -> {args.plot}")
+    return rows
+
+
+if __name__ == "__main__":
+    report_user_errors()
+    main()
