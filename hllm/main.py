@@ -198,7 +198,8 @@ def main(argv=None):
     print(f"item cache {cache}: {cache_meta['text_source']} text, {cache_meta['pooling']} pooling, "
           f"dim {embeddings.shape[1]}, item LLM {cache_meta['model']}")
 
-    results = {"popularity": {s: evaluate_popularity(ds, s)[0] for s in ("val", "test")}}
+    popular = {split: evaluate_popularity(ds, split) for split in ("val", "test")}      # (metrics, ranks)
+    results = {"popularity": {split: metrics for split, (metrics, _) in popular.items()}}
     if args.checkpoint:
         model, _ = load_user_llm(args.checkpoint, item_table, device)
         mode, label = "checkpoint", f"checkpoint {Path(args.checkpoint).name}"
@@ -226,7 +227,7 @@ def main(argv=None):
               "data_hashes": ds.hashes, "versions": versions(),
               # per test user (0-based rank over all items, bought ones excluded), for paired comparisons
               "user_ids": [user for user, _, _ in eval_cases(ds, "test")], "ranks": ranks["test"],
-              "reference_ranks": {"most_popular": evaluate_popularity(ds, "test")[1]}}
+              "reference_ranks": {"most_popular": popular["test"][1]}}
     name = "results_val_only.json" if mode == "none" else "results.json"
     atomic_write_json(out_dir / name, report)
     print(f"results -> {out_dir / name}")

@@ -291,5 +291,10 @@ def test_end_to_end_cache_train_eval(tiny, tmp_path):
     assert saved["item_cache"]["text_source"] == "summary" and saved["data_hashes"] == report["data_hashes"]
     assert (tmp_path / "ft" / "user_llm" / "adapter_model.safetensors").exists()
     assert saved["metrics"]["test"]["Recall@50"] == 1.0  # 5 items: every target is within the top 50
+    # every test user's rank, for paired tests without a rerun (scripts/repeat.py compare)
+    from hllm.evaluate import metrics_from_ranks
+    assert len(saved["user_ids"]) == len(saved["ranks"]) == len(set(saved["user_ids"]))
+    assert metrics_from_ranks(saved["ranks"]) == pytest.approx(saved["metrics"]["test"])
+    assert metrics_from_ranks(saved["reference_ranks"]["most_popular"]) == pytest.approx(saved["popularity"]["test"])
     again = hllm_main.main(common + ["--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "again")])
     assert again["metrics"] == saved["metrics"]
