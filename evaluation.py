@@ -277,7 +277,7 @@ def item_trie(encoder, ds, eos=True):
     trie = ItemTrie(paths)
     if not eos and any(trie.children.get(tuple(p)) for p in paths.values()):
         raise UserError("--history decoder needs item ids whose tokens are prefix-free (--id_tokens atomic, or "
-                         "fixed-length codes); with sub-word pieces one id can be the start of another")
+                        "fixed-length codes); with sub-word pieces one id can be the start of another")
     return trie
 
 

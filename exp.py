@@ -31,7 +31,7 @@ started = time.time()
 model, tokenizer, meta, ds, encoder, device = load_run(args)
 if not ds.records or not ds.records.get("test"):
     raise UserError(f"{args.data_dir}: no test review records (explanation.json / explanation_rationale.json "
-                     "with a 'test' list); make them with data/prepare.py")
+                    "with a 'test' list); make them with data/prepare.py")
 users = set(eval_users(ds, args.users, args.seed))
 records = [r for u, recs in ds.records["test"].items() if u in users for r in recs
            if r.get(tasks.TEXT_FIELDS[args.task])]

@@ -122,15 +122,15 @@ seed_everything(args.seed)
 ratio = [int(x) for x in args.ratio.split(":")]
 if len(ratio) != len(tasks.TASKS) or min(ratio) < 0 or sum(ratio) == 0:
     raise UserError(f"--ratio needs {len(tasks.TASKS)} non-negative integers ({':'.join(tasks.TASKS)}), "
-                     f"got {args.ratio!r}")
+                    f"got {args.ratio!r}")
 if args.item_init == "auto":
     args.item_init = "cooc" if args.id_tokens == "atomic" and args.item_ids not in CODE_SCHEMES else "random"
 if args.item_ids in CODE_SCHEMES and (args.id_tokens != "atomic" or args.item_init == "cooc"):
     raise UserError(f"--item_ids {args.item_ids} gives every code level tokens of its own: it needs --id_tokens "
-                     "atomic, and --item_init random (there is no one embedding row per item to start)")
+                    "atomic, and --item_init random (there is no one embedding row per item to start)")
 if args.history == "decoder" and args.id_tokens != "atomic":
     raise UserError("--history decoder reads items one after another in the decoder: it needs --id_tokens atomic "
-                     "(sub-word pieces of one id can be the start of another); the paper's setting is --history encoder")
+                    "(sub-word pieces of one id can be the start of another); the paper's setting is --history encoder")
 if args.item_init == "cooc" and args.id_tokens != "atomic":
     raise UserError("--item_init cooc sets one embedding row per item: it needs --id_tokens atomic")
 out = Path(args.checkpoint)
@@ -184,7 +184,7 @@ for task, share in zip(tasks.TASKS, ratio):
         need = {"explanation": "explanation.json (data/prepare.py) or explanation_rationale.json",
                 "review": "explanation_rationale.json with review_summary (data/distill.py)"}.get(task, "")
         raise UserError(f"--ratio gives the {task} task a share, but {args.data_dir} has no training data for it "
-                         f"(needs {need}); give it a zero share, e.g. --ratio 0:1:0:3")
+                        f"(needs {need}); give it a zero share, e.g. --ratio 0:1:0:3")
 sample_opts = {"negative_num": args.negative_num, "explanation_target": args.explanation_target,
                "exp_len": args.exp_len, "history": args.history}
 
@@ -296,7 +296,7 @@ if reference_ranking:
         f"{rule} HR@10 {f['HR@10']:.4f} NDCG@10 {f['NDCG@10']:.4f}" for rule, f in reference_ranking.items()))
 if args.stop_on == "ndcg" and not rank_users:
     raise UserError("--stop_on ndcg needs ranked validation users: the sequential task in --ratio and --rank_users > 0 "
-                     "(or use --stop_on loss)")
+                    "(or use --stop_on loss)")
 
 
 @torch.no_grad()

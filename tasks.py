@@ -220,7 +220,7 @@ def explanation_text(record, explanation_target="auto"):
     if explanation_target == "llm" or (explanation_target == "auto" and record.get("groundtruth_explanation")):
         if not record.get("groundtruth_explanation"):
             raise DataError(f"record of user {record['user']}, item {record['item']} has no groundtruth_explanation; "
-                             "run data/distill.py first or use --explanation_target review")
+                            "run data/distill.py first or use --explanation_target review")
         return record["groundtruth_explanation"]
     return record["explanation"]
 

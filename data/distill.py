@@ -214,10 +214,10 @@ def stage_inputs(stage, records, outputs, stale, out_dir):
             missing = [key for key in records if key in stale[producer.number]]
             key = missing[0]
             raise utils.UserError(f"stage {stage.number} '{stage.name}' needs '{field}' from stage {producer.number} "
-                               f"'{producer.name}', but {stage_path(out_dir, producer.number)} has no current answer "
-                               f"for {len(missing)} of {len(records)} records (first: {key[0]}[{key[1]}]; missing, or "
-                               f"made before an earlier stage was redone); run stage {producer.number} first, e.g. "
-                               f"--stages {producer.number},{stage.number}")
+                                  f"'{producer.name}', but {stage_path(out_dir, producer.number)} has no current answer "
+                                  f"for {len(missing)} of {len(records)} records (first: {key[0]}[{key[1]}]; missing, or "
+                                  f"made before an earlier stage was redone); run stage {producer.number} first, e.g. "
+                                  f"--stages {producer.number},{stage.number}")
     return {key: read_inputs(stage, key, record, outputs) for key, record in records.items()}
 
 
@@ -303,7 +303,7 @@ def run_stage(stage, records, outputs, stale, prompt, generator, out_dir, args, 
             if failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
                 bar.close()
                 raise utils.UserError(f"stage {stage.number}: the backend failed {failed_in_a_row} batches in a row "
-                                   f"(last: {failed[-1]}); stopping. Finished records are saved: rerun to resume.")
+                                      f"(last: {failed[-1]}); stopping. Finished records are saved: rerun to resume.")
     bar.close()
     counts["seconds"] = time.time() - start
     counts["fallbacks"] = fallbacks

@@ -255,13 +255,13 @@ def load_prompts(path=PROMPTS_FILE):
         prompt = prompts.get(stage.name)
         if not isinstance(prompt, dict) or not isinstance(prompt.get("user"), str):
             raise DataError(f"{path}: no prompt for stage {stage.number} '{stage.name}' (needs a 'user' text, "
-                             f"optionally a 'system' text)")
+                            f"optionally a 'system' text)")
         for role in ("system", "user"):
             used = {name for _, name, _, _ in string.Formatter().parse(prompt.get(role) or "") if name is not None}
             unknown = used - set(stage.reads)
             if unknown:
                 raise DataError(f"{path}: prompt '{stage.name}' ({role}) uses {sorted(unknown)}, but stage "
-                                 f"{stage.number} reads only {list(stage.reads)}")
+                                f"{stage.number} reads only {list(stage.reads)}")
     return prompts
 
 
