@@ -128,6 +128,7 @@ def cases(w):
          r"nowhere/sequential.txt: file not found"),
         (["scripts/repeat.py", "compare", r / "bad_results" / "results_seq.json", "--vs_rule", "co_occurrence"],
          r"bad_results/results_seq.json:1: not valid JSON"),
+        (["scripts/compare.py", ckpt / "config.json"], r"config.json: neither a seq.py nor an hllm/main.py results file"),
         (["hllm/item_caching.py", "--data_dir", w["bad_id"], "--out", r / "cache.safetensors"],
          r"bad_id/sequential.txt:3: non-integer id"),
     ]
@@ -149,7 +150,7 @@ def test_every_entry_point_fails_in_one_line(work, python, script_env):
     entry_points = {"pretrain.py", "seq.py", "topn.py", "exp.py", "bench.py", "bench_llm.py", "dataset.py",
                     "data/prepare.py", "data/distill.py", "data/toys/distillation_toys.py", "hllm/main.py",
                     "hllm/item_caching.py", "hllm/bench.py", "llama/example_chat_completion.py", "scripts/results_table.py",
-                    "scripts/repeat.py"}
+                    "scripts/repeat.py", "scripts/compare.py"}
     assert entry_points <= covered
 
 
