@@ -71,7 +71,7 @@ def main():
     args = p.parse_args()
     if args.data_dir and not args.item_cache:
         p.error("--data_dir needs --item_cache (the real items' embeddings, from hllm/item_caching.py)")
-    ds = load_interactions(args.data_dir) if args.data_dir else None      # bad data fails now, not after phase 1
+    ds = load_interactions(data_dir=args.data_dir) if args.data_dir else None   # bad data fails now, not after phase 1
     seed_everything(args.seed)
     device = pick_device(args.cuda)
     generator = torch.Generator().manual_seed(args.seed)
