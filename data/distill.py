@@ -428,6 +428,7 @@ def show_report(data_dir, prompts_file):
     outputs = {stage.number: read_stage(data_dir / "distill", stage.number) for stage in STAGES}
     if not any(outputs.values()):
         raise DataError(f"{data_dir / 'distill'}: no stage answers yet (run data/distill.py --data_dir {data_dir})")
+    records = {key: r for key, r in records.items() if any(key in lines for lines in outputs.values())}  # --limit runs
     return write_report(data_dir, records, outputs, load_prompts(prompts_file), prompts_file)
 
 
