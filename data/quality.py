@@ -88,12 +88,13 @@ COLUMNS = [("records", "records", "d"), ("fallbacks", "fallbacks", "d"), ("copie
 
 def format_report(report, title=""):
     """The report as a plain-text table, then each field's fallback reasons."""
-    head = f"{'stage / field':<44}" + "".join(f"{label:>10}" for _, label, _ in COLUMNS)
+    width = max([len(f"{stage} / {field}") for stage, fields in report.items() for field in fields] + [13]) + 1
+    head = f"{'stage / field':<{width}}" + "".join(f"{label:>10}" for _, label, _ in COLUMNS)
     out = [title, head] if title else [head]
     reasons = []
     for stage, fields in report.items():
         for field, figures in fields.items():
-            out.append(f"{stage + ' / ' + field:<44}" + "".join(f"{figures[key]:>10{fmt}}" for key, _, fmt in COLUMNS))
+            out.append(f"{stage + ' / ' + field:<{width}}" + "".join(f"{figures[key]:>10{fmt}}" for key, _, fmt in COLUMNS))
             if figures["fallback_reasons"]:
                 reasons.append(f"  {field}: " + ", ".join(f"{r} {n}" for r, n in figures["fallback_reasons"].items()))
     if reasons:
