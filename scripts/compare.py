@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset import read_json  # noqa: E402
+from repeat import rows_of as result_rows  # noqa: E402  (scripts/repeat.py: the rows of a results file)
 from utils import UserError, report_user_errors  # noqa: E402
 
 METRICS = ["HR@5", "HR@10", "NDCG@5", "NDCG@10"]
@@ -34,42 +35,39 @@ def figures(row):
     return out
 
 
-def rows_of(path):
-    """[(name, details, figures)] of one results file."""
+def model_row(path):
+    """(name, details, figures) of a results file's model, its reference rules' figures, its data hashes."""
     r = read_json(path)
     if not isinstance(r, dict):
         raise UserError(f"{path}: not a results file")
-    if "metrics" in r and "popularity" in r:                                   # hllm/main.py
-        cfg = r.get("config", {})
-        minutes = sum(e.get("seconds", 0) for e in r.get("train_log", [])) / 60
-        details = {"minutes": minutes if r.get("train_log") else 0.0, "ids": "item text",
-                   "seed": cfg.get("seed"), "protocol": "full ranking, history excluded"}
-        return [(f"HSFT {r.get('model', '')}".strip(), details, figures(r["metrics"]["test"]))], \
-            {"most_popular": figures(r["popularity"]["test"])}, r.get("data_hashes")
-    if r.get("task") != "seq" or not isinstance(r.get("results"), dict):
+    hsft = "metrics" in r and "popularity" in r                                # hllm/main.py
+    if not hsft and (r.get("task") != "seq" or not isinstance(r.get("results"), dict)):
         raise UserError(f"{path}: neither a seq.py nor an hllm/main.py results file")
-    if r.get("protocol") != "clean":
+    if not hsft and r.get("protocol") != "clean":
         raise UserError(f"{path}: protocol {r.get('protocol')!r}; the table compares full ranking with the history "
                         "excluded (seq.py --protocol clean)")
-    training = r.get("training") or {}
-    train_cfg = r.get("train_config") or {}
-    model = [name for name in r["results"] if name not in RULES and name != "max_history_plus_1"
-             and isinstance(r["results"][name], dict) and "HR@10" in r["results"][name]]
-    name = r.get("model") or (f"T5 {r.get('backbone', '')} ({train_cfg.get('recipe', '?')} recipe, "
-                              f"history in the {train_cfg.get('history', '?')})")
-    details = {"minutes": training.get("minutes"), "ids": r.get("item_ids"),
-               "seed": train_cfg.get("seed", r.get("config", {}).get("seed")),
-               "protocol": "full ranking, history excluded"}
-    rules = {rule: figures(r["results"][rule]) for rule in RULES if rule in r["results"]}
-    return [(name, details, figures(r["results"][model[0]]))], rules, r.get("data_hashes")
+    rows = result_rows(r)
+    rules = {rule: figures(rows[rule]) for rule in RULES if rule in rows}
+    model = next(name for name in rows if name not in RULES and name != "max_history_plus_1")
+    if hsft:
+        log = r.get("train_log") or []
+        name = f"HSFT {model}"
+        details = {"minutes": sum(e.get("seconds", 0) for e in log) / 60, "ids": "item text",
+                   "seed": r.get("config", {}).get("seed")}
+    else:
+        train_cfg = r.get("train_config") or {}
+        name = r.get("model") or (f"T5 {r.get('backbone', '')} ({train_cfg.get('recipe', '?')} recipe, "
+                                  f"history in the {train_cfg.get('history', '?')})")
+        details = {"minutes": (r.get("training") or {}).get("minutes"), "ids": r.get("item_ids"),
+                   "seed": train_cfg.get("seed", r.get("config", {}).get("seed"))}
+    return (name, details, figures(rows[model])), rules, r.get("data_hashes")
 
 
 def table(paths):
     rows, rules, hashes = [], {}, {}
     for path in paths:
-        found, their_rules, data_hashes = rows_of(path)
-        for name, details, figs in found:
-            rows.append((name, details, figs, path))
+        (name, details, figs), their_rules, data_hashes = model_row(path)
+        rows.append((name, details, figs, path))
         for rule, figs in their_rules.items():
             rules.setdefault(rule, figs)
         if data_hashes:
@@ -82,8 +80,7 @@ def table(paths):
                   "co_occurrence": "co-occurrence, last 3 items (no training)"}
     for rule in RULES:
         if rule in rules:
-            rows.append((rule_names[rule], {"minutes": 0.0, "ids": "any", "seed": None, "protocol": "same"},
-                         rules[rule], None))
+            rows.append((rule_names[rule], {"minutes": 0.0, "ids": "any", "seed": None}, rules[rule], None))
     return rows
 
 
