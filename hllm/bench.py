@@ -2,11 +2,17 @@
 
     python hllm/bench.py                                   # tiny random Llama models, synthetic data (seconds)
     python hllm/bench.py --item_llm default --user_llm default --items 64 --users 256   # SmolLM2-135M
-    python hllm/bench.py --data_dir DIR --item_cache items.safetensors --user_llm default  # a real dataset
+    python hllm/bench.py --data_dir DIR --item_cache items.safetensors --item_llm default --user_llm default
+        # a real dataset: its own item texts (--item_text), its users, all of them evaluated over all items
 
-Figures depend on the machine and its load; compare runs on the same machine.
+Prints item caching items/s, training sequences (users)/s in the mode main.py trains (bf16 autocast where the device
+has it), evaluation users/s (full ranking of the held-out item, history excluded), and peak memory (the process's
+peak resident set; on CUDA also the peak GPU memory). Figures depend on the machine and its load: compare runs on
+the same machine, with nothing else running.
 """
 import argparse
+import random
+import resource
 import sys
 import tempfile
 import time
@@ -17,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch
 
 from dataset import Dataset
-from hllm.data import load_interactions
+from hllm.data import TEXT_SOURCES, item_texts, load_interactions
 from hllm.evaluate import evaluate_model, pad_right
 from hllm.item_caching import embed_texts, load_item_cache
 from hllm.llm import load_base_model, load_tokenizer
 from hllm.model import build_user_llm, trainable_parameters
-from utils import pick_device, report_user_errors, seed_everything
+from utils import bf16_supported, pick_device, report_user_errors, seed_everything
 
 WORDS = "soft red blue cream lotion shampoo hair skin nice cheap smell great face oil dry gentle".split()
 
@@ -58,7 +64,8 @@ def main():
     p.add_argument("--tiny_layers", type=int, default=4)
     p.add_argument("--data_dir", default=None, help="a real dataset (needs --item_cache); default synthetic")
     p.add_argument("--item_cache", default=None)
-    p.add_argument("--items", type=int, default=256, help="synthetic items")
+    p.add_argument("--items", type=int, default=256, help="items to embed (with --data_dir: a seeded sample of its items)")
+    p.add_argument("--item_text", default="auto", choices=TEXT_SOURCES, help="with --data_dir: which item text")
     p.add_argument("--users", type=int, default=512, help="synthetic users")
     p.add_argument("--length", type=int, default=12, help="synthetic sequence length")
     p.add_argument("--text_words", type=int, default=48, help="words per synthetic item text")
@@ -84,13 +91,20 @@ def main():
     item_model, path = load_base_model(resolve(args.item_llm, "item"))
     item_model.to(device)
     tokenizer = load_tokenizer(path)
-    texts = [" ".join(WORDS[j % len(WORDS)] for j in range(i, i + args.text_words)) for i in range(args.items)]
+    if ds is not None:
+        by_item, source, *_ = item_texts(ds, args.item_text)
+        picked = random.Random(args.seed).sample(sorted(by_item), min(args.items, len(by_item)))
+        texts = [by_item[i] for i in picked]
+    else:
+        texts = [" ".join(WORDS[j % len(WORDS)] for j in range(i, i + args.text_words)) for i in range(args.items)]
+        source = f"synthetic, {args.text_words} words"
     embed_texts(item_model, tokenizer, texts[:8], device=device, progress=False)  # warm-up
     start = time.time()
     embeddings = embed_texts(item_model, tokenizer, texts, device=device, progress=False)
     seconds = time.time() - start
-    print(f"item caching: {args.items} items x ~{args.text_words} words in {seconds:.2f}s = "
-          f"{args.items / seconds:.1f} items/s ({Path(path).name}, dim {embeddings.shape[1]})")
+    words = sum(len(t.split()) for t in texts) / len(texts)
+    print(f"item caching: {len(texts)} items ({source} text, {words:.0f} words on average) in {seconds:.2f}s = "
+          f"{len(texts) / seconds:.1f} items/s ({Path(path).name}, dim {embeddings.shape[1]})")
     del item_model
 
     # 2. training and 3. evaluation of the user LLM
@@ -103,24 +117,29 @@ def main():
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
     sequences = [ds.train_items(u)[-(args.max_seq_len + 1):] for u in ds.sequences]
     batches = [sequences[i:i + args.batch_size] for i in range(0, len(sequences), args.batch_size)]
+    use_bf16 = bf16_supported(device)
+    order = random.Random(args.seed).sample(range(len(batches)), len(batches))  # not the file's first users
     seen, start = 0, None
     for step in range(args.steps + 1):  # step 0 is warm-up
         if step == 1:
             start = time.time()
-        batch = batches[step % len(batches)]
-        loss = model.loss(pad_right(batch).to(device), "nce", min(256, ds.num_items), generator)
+        batch = batches[order[step % len(batches)]]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model.loss(pad_right(batch).to(device), "nce", min(256, ds.num_items), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         seen += len(batch) if step else 0
     seconds = time.time() - start
-    print(f"training ({args.mode}): {seen} sequences in {seconds:.2f}s = {seen / seconds:.1f} sequences/s "
-          f"(batch {args.batch_size}, {sum(p.numel() for p in trainable_parameters(model)):,} trainable params)")
+    print(f"training ({args.mode}{', bf16 autocast' if use_bf16 else ''}): {seen} sequences (users) in {seconds:.2f}s "
+          f"= {seen / seconds:.1f} users/s (batch {args.batch_size}, {sum(p.numel() for p in trainable_parameters(model)):,} "
+          f"trainable params; one epoch of {len(sequences)} users: ~{len(sequences) / (seen / seconds) / 60:.1f} min)")
     start = time.time()
     evaluate_model(model, ds, "test", 64, args.max_seq_len, device)
     seconds = time.time() - start
     print(f"evaluation: {len(ds.sequences)} users x {ds.num_items} items in {seconds:.2f}s = "
           f"{len(ds.sequences) / seconds:.1f} users/s")
+    print(f"peak memory (resident set of this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from metrics import ranking_metrics
+from utils import bf16_supported
 
 KS = (5, 10, 20, 50)
 
@@ -47,8 +48,10 @@ def pad_right(seqs):
 
 
 @torch.no_grad()
-def evaluate_model(model, ds, split, batch_size=64, max_seq_len=20, device=torch.device("cpu")):
-    """Metrics and ranks of a UserLLM on one split."""
+def evaluate_model(model, ds, split, batch_size=64, max_seq_len=20, device=torch.device("cpu"), bf16=None):
+    """Metrics and ranks of a UserLLM on one split. The user LLM runs under bf16 autocast where the device has
+    fast bf16 (as in training); scores are compared in float32."""
+    bf16 = bf16_supported(device) if bf16 is None else bf16
     was_training = model.training
     model.eval()
     items = F.normalize(model.all_item_vectors(), dim=-1)  # [N + 1, d]
@@ -58,7 +61,8 @@ def evaluate_model(model, ds, split, batch_size=64, max_seq_len=20, device=torch
     for start in range(0, len(order), batch_size):
         batch = [cases[i] for i in order[start:start + batch_size]]
         ids = pad_right([history[-max_seq_len:] for _, history, _ in batch]).to(device)
-        users = F.normalize(model.user_vectors(ids, (ids != 0).long()), dim=-1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            users = F.normalize(model.user_vectors(ids, (ids != 0).long()).float(), dim=-1)
         batch_ranks = rank_targets((users @ items.T).cpu(), [h for _, h, _ in batch], [t for _, _, t in batch])
         for i, rank in zip(order[start:start + batch_size], batch_ranks):
             ranks[i] = rank
