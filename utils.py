@@ -133,14 +133,12 @@ def file_sha256(path):
 
 
 def versions():
-    import transformers
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "numpy": np.__version__}
-    try:
-        import sentencepiece
-        out["sentencepiece"] = sentencepiece.__version__
-    except ImportError:
-        pass
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for name in ("transformers", "sentencepiece", "peft"):  # absent in a baseline's own venv (RecBole's)
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
     try:
         out["git_commit"] = os.popen(f"git -C {Path(__file__).parent} rev-parse HEAD 2>/dev/null").read().strip() or None
     except Exception:

@@ -1,0 +1,205 @@
+"""SASRec, the standard sequential baseline, trained by RecBole 1.2.1 and evaluated under our protocol, so that it
+sits in scripts/compare.py's table beside the T5 recommender and HSFT.
+
+    bash scripts/setup_recbole.sh                    # RecBole in a venv of its own (.venv-recbole): it needs numpy<2
+    .venv-recbole/bin/python scripts/sasrec_recbole.py --data_dir data/beauty --out checkpoint/sasrec/beauty \
+        --max_minutes 30 --seed 1
+
+1. Our sequences become a RecBole atomic file (`<name>.inter`: user, item, position as timestamp), nothing filtered.
+2. RecBole trains SASRec with its defaults (2 layers, 2 heads, hidden 64, dropout .5, 50 items of history,
+   cross-entropy over all items, lr .001, batch 2048), its leave-one-out split (`LS: valid_and_test`, time order),
+   validating NDCG@10 on full ranking every epoch; training stops early after --stopping_step epochs without a better
+   validation, or once --max_minutes have passed (the best epoch's weights are kept).
+3. The split is checked user by user: RecBole's validation and test rows must have our target and our history (its
+   last 50 items) for every user, or the script stops.
+4. The best model scores every item for each of our test cases and hllm/evaluate.py ranks the held-out item with the
+   user's history excluded, exactly as for HSFT and `seq.py --protocol clean` (RecBole's own full-sort evaluation of
+   sequential models does not exclude the history). Written in the seq.py results format with per-user ranks.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # RecBole's own torch.load of its checkpoints
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from hllm.data import load_interactions  # noqa: E402
+from hllm.evaluate import eval_cases, evaluate_popularity, metrics_from_ranks, rank_targets  # noqa: E402
+from utils import UserError, atomic_write_json, atomic_write_text, report_user_errors, versions  # noqa: E402
+
+MAX_LEN = 50  # RecBole's MAX_ITEM_LIST_LENGTH default
+
+
+class OutOfTime(Exception):
+    pass
+
+
+def write_atomic_file(ds, folder, name):
+    """<folder>/<name>/<name>.inter: one row per interaction, the item's position in the user's sequence as time."""
+    rows = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for user, items in ds.sequences.items():
+        rows += [f"{user}\t{item}\t{t}" for t, item in enumerate(items)]
+    path = Path(folder) / name / f"{name}.inter"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(rows) + "\n")
+    return path
+
+
+def recbole_config(args, data_root, name):
+    return {
+        "data_path": str(data_root), "dataset": name, "checkpoint_dir": str(Path(args.out) / "recbole_saved"),
+        "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)",
+        "MAX_ITEM_LIST_LENGTH": MAX_LEN, "loss_type": "CE", "train_neg_sample_args": None,
+        "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+        "metrics": ["Recall", "NDCG"], "topk": [10], "valid_metric": "NDCG@10",
+        "epochs": args.epochs, "stopping_step": args.stopping_step, "learning_rate": args.lr,
+        "train_batch_size": args.batch_size, "seed": args.seed, "reproducibility": True,
+        "use_gpu": args.cuda, "show_progress": False, "log_wandb": False,
+    }
+
+
+def check_split(ds, recbole_datasets):
+    """Users whose RecBole validation / test row differs from ours (target, or the last MAX_LEN history items)."""
+    mismatches, checked = {}, {}
+    for split, rb in recbole_datasets.items():
+        feat = rb.inter_feat
+        item_token = rb.field2id_token["item_id"]
+        user_token = rb.field2id_token["user_id"]
+        ours = {str(u): (history[-MAX_LEN:], target) for u, history, target in eval_cases(ds, split)}
+        seen, bad = set(), []
+        for uid, seq, length, target in zip(feat["user_id"].tolist(), feat["item_id_list"].tolist(),
+                                             feat["item_length"].tolist(), feat["item_id"].tolist()):
+            user = str(user_token[uid])
+            theirs = ([int(item_token[i]) for i in seq[:length]], int(item_token[target]))
+            seen.add(user)
+            if ours.get(user) != theirs:
+                bad.append(user)
+        bad += sorted(set(ours) - seen)  # a user RecBole dropped
+        mismatches[split], checked[split] = bad, len(seen)
+    return checked, mismatches
+
+
+@torch.no_grad()
+def test_ranks(model, ds, rb_dataset, device, batch_size=512):
+    """Our test cases scored by the RecBole model: 0-based ranks over all items, history excluded (hllm/evaluate)."""
+    from recbole.data.interaction import Interaction
+    token2id = rb_dataset.field2token_id["item_id"]
+    # our item i -> RecBole's internal id; an item no interaction names is unknown to RecBole and ranks last
+    known = [i for i in range(1, ds.num_items + 1) if str(i) in token2id]
+    ours, theirs = torch.tensor(known), torch.tensor([token2id[str(i)] for i in known])
+    to_internal = torch.zeros(ds.num_items + 1, dtype=torch.long)
+    to_internal[ours] = theirs
+    cases = eval_cases(ds, "test")
+    model.eval()
+    ranks = []
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start:start + batch_size]
+        seqs = torch.zeros(len(batch), MAX_LEN, dtype=torch.long)
+        lengths = torch.zeros(len(batch), dtype=torch.long)
+        for row, (_, history, _) in enumerate(batch):
+            h = history[-MAX_LEN:]
+            seqs[row, :len(h)] = to_internal[torch.tensor(h)]   # RecBole's layout: left-aligned, zero-padded
+            lengths[row] = len(h)
+        inter = Interaction({"item_id_list": seqs, "item_length": lengths}).to(device)
+        scores = torch.full((len(batch), ds.num_items + 1), float("-inf"))
+        scores[:, ours] = model.full_sort_predict(inter).cpu()[:, theirs]
+        ranks += rank_targets(scores, [h for _, h, _ in batch], [t for _, _, t in batch])
+    return [u for u, _, _ in cases], ranks
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_dir", required=True, help="a P5-style dataset folder (sequential.txt, datamaps.json)")
+    p.add_argument("--out", required=True, help="output folder: results_seq.json, RecBole's files and checkpoint")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--stopping_step", type=int, default=10, help="RecBole's early stopping (epochs)")
+    p.add_argument("--max_minutes", type=float, default=30, help="training budget; the best epoch so far is kept")
+    p.add_argument("--lr", type=float, default=0.001)
+    p.add_argument("--batch_size", type=int, default=2048)
+    p.add_argument("--cuda", action="store_true")
+    p.add_argument("--seed", type=int, default=2020)
+    args = p.parse_args(argv)
+    try:
+        import recbole
+        from recbole.config import Config
+        from recbole.data import create_dataset, data_preparation
+        from recbole.model.sequential_recommender import SASRec
+        from recbole.trainer import Trainer
+        from recbole.utils import init_seed
+    except ImportError as e:
+        raise UserError(f"RecBole is not importable here ({e}); run this script with .venv-recbole/bin/python "
+                        "after `bash scripts/setup_recbole.sh`") from None
+    started = time.time()
+    ds = load_interactions(args.data_dir)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.chdir(out)  # RecBole writes its tensorboard folder into the working directory
+    name = Path(ds.data_dir).name
+    write_atomic_file(ds, out / "recbole_data", name)
+
+    config = Config(model="SASRec", dataset=name, config_dict=recbole_config(args, out / "recbole_data", name))
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    checked, mismatches = check_split(ds, {"val": valid_data.dataset, "test": test_data.dataset})
+    for split, bad in mismatches.items():
+        if bad:
+            raise UserError(f"RecBole's {split} split differs from ours for {len(bad)} users (first: user {bad[0]}); "
+                            "the figures would not be comparable")
+    print(f"split check: RecBole's validation and test rows equal ours for all {checked['test']} users")
+
+    model = SASRec(config, train_data.dataset).to(config["device"])
+    trainer = Trainer(config, model)
+    log = []
+
+    def after_validation(epoch, score):
+        log.append({"epoch": epoch, "val_NDCG@10": float(score), "minutes": (time.time() - train_start) / 60})
+        print(f"epoch {epoch}: val NDCG@10 {score:.4f} ({log[-1]['minutes']:.1f} min)", flush=True)
+        if log[-1]["minutes"] > args.max_minutes:
+            raise OutOfTime
+
+    train_start = time.time()
+    try:
+        trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=after_validation)
+        stopped = "early stopping" if log and len(log) < args.epochs else "epochs done"
+    except OutOfTime:
+        stopped = f"--max_minutes {args.max_minutes}"
+    minutes = (time.time() - train_start) / 60
+    best = max(log, key=lambda e: e["val_NDCG@10"]) if log else None
+    state = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
+    model.load_state_dict(state["state_dict"])
+    print(f"trained {minutes:.1f} min ({stopped}); best validation NDCG@10 {best['val_NDCG@10']:.4f} "
+          f"at epoch {best['epoch']}")
+
+    users, ranks = test_ranks(model, ds, train_data.dataset, config["device"])
+    popular, popular_ranks = evaluate_popularity(ds, "test")
+    model_name = "SASRec"
+    results = {model_name: metrics_from_ranks(ranks), "most_popular": popular}
+    for row, metrics in results.items():
+        print(f"{row:<14}" + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    path = out / "results_seq.json"
+    atomic_write_json(path, {
+        "task": "seq", "protocol": "clean", "model": f"SASRec (RecBole {recbole.__version__}, CE)",
+        "users": len(users), "all_users": len(ds.sequences), "item_ids": "P5 ids (RecBole tokens)",
+        "results": results, "seconds": time.time() - started, "config": vars(args),
+        "recbole_config": {k: config[k] for k in ("n_layers", "n_heads", "hidden_size", "inner_size",
+                                                  "hidden_dropout_prob", "attn_dropout_prob", "MAX_ITEM_LIST_LENGTH",
+                                                  "learning_rate", "train_batch_size", "loss_type")},
+        "training": {"minutes": minutes, "best_epoch": best["epoch"], "best_val_NDCG@10": best["val_NDCG@10"],
+                     "stopped": stopped, "log": log},
+        "split_check": {"users": checked, "mismatches": {s: len(b) for s, b in mismatches.items()}},
+        "data_hashes": ds.hashes, "versions": {**versions(), "recbole": recbole.__version__},
+        "user_ids": users, "ranks": ranks, "reference_ranks": {"most_popular": popular_ranks}})
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    report_user_errors()
+    main()
