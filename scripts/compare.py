@@ -8,7 +8,10 @@ Reads what seq.py (`--protocol clean`) and hllm/main.py write (another model's r
 format: "task": "seq", "protocol": "clean", "model": its name, "results": {name: metrics}). Each row says its training
 minutes, item ids and seed; the reference rules (most popular, recent popular, co-occurrence) come from the first
 seq.py file. Files whose data hashes differ were run on different splits: that is an error, not a footnote.
-HR@k and Recall@k are the same figure with one held-out item.
+HR@k and Recall@k are the same figure with one held-out item. A figure the file does not record is computed from its
+per-user ranks where the ranked list reaches that far (seq.py writes top-`--top_k` lists, HSFT and SASRec full
+rankings). Below the table, paired tests over users (scripts/repeat.py: t-test and Wilcoxon on per-user NDCG@10):
+every model against most popular and against each other model.
 """
 import argparse
 import sys
@@ -18,18 +21,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset import read_json  # noqa: E402
+from metrics import hit, ndcg  # noqa: E402
+from repeat import paired_test, per_user  # noqa: E402
 from repeat import rows_of as result_rows  # noqa: E402  (scripts/repeat.py: the rows of a results file)
 from utils import UserError, report_user_errors  # noqa: E402
 
-METRICS = ["HR@5", "HR@10", "NDCG@5", "NDCG@10"]
+METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
+PAIRED_METRIC = "NDCG@10"
+PROTOCOL = "full ranking, history excluded"
 RULES = ["most_popular", "recent_popular", "co_occurrence"]
 
 
-def figures(row):
-    """HR@k / NDCG@k of a metrics dict, reading Recall@k as HR@k."""
+def figures(row, ranks=None, list_length=None):
+    """HR@k / NDCG@k of a metrics dict (Recall@k read as HR@k); the ones it lacks from per-user ranks (-1: not in
+    the list) where the list is at least k long (list_length None: a full ranking)."""
     out = {}
     for m in METRICS:
         value = row.get(m, row.get(m.replace("HR@", "Recall@")))
+        kind, k = m.split("@")
+        if value is None and ranks and (list_length is None or int(k) <= list_length):
+            score = hit if kind == "HR" else ndcg
+            value = sum(score(None if r is None or r < 0 else r, int(k)) for r in ranks) / len(ranks)
         if value is not None:
             out[m] = float(value)
     return out
@@ -47,7 +59,9 @@ def model_row(path):
         raise UserError(f"{path}: protocol {r.get('protocol')!r}; the table compares full ranking with the history "
                         "excluded (seq.py --protocol clean)")
     rows = result_rows(r)
-    rules = {rule: figures(rows[rule]) for rule in RULES if rule in rows}
+    list_length = None if hsft else (r.get("config") or {}).get("top_k")      # seq.py: top-k lists; others: full
+    references = r.get("reference_ranks") or {}
+    rules = {rule: figures(rows[rule], references.get(rule), list_length) for rule in RULES if rule in rows}
     model = next(name for name in rows if name not in RULES and name != "max_history_plus_1")
     if hsft:
         log = r.get("train_log") or []
@@ -60,7 +74,9 @@ def model_row(path):
                                   f"history in the {train_cfg.get('history', '?')})")
         details = {"minutes": (r.get("training") or {}).get("minutes"), "ids": r.get("item_ids"),
                    "seed": train_cfg.get("seed", r.get("config", {}).get("seed"))}
-    return (name, details, figures(rows[model])), rules, r.get("data_hashes")
+    details["protocol"] = PROTOCOL + (f", top-{list_length} lists" if list_length else "")
+    details["per_user"] = "user_ids" in r and "ranks" in r
+    return (name, details, figures(rows[model], r.get("ranks"), list_length)), rules, r.get("data_hashes")
 
 
 def table(paths):
@@ -80,18 +96,44 @@ def table(paths):
                   "co_occurrence": "co-occurrence, last 3 items (no training)"}
     for rule in RULES:
         if rule in rules:
-            rows.append((rule_names[rule], {"minutes": 0.0, "ids": "any", "seed": None}, rules[rule], None))
+            rows.append((rule_names[rule], {"minutes": 0.0, "ids": "any", "seed": None, "protocol": PROTOCOL},
+                          rules[rule], None))
     return rows
 
 
+def paired_tests(rows, metric=PAIRED_METRIC):
+    """[(A, B, result)]: each model with per-user ranks against most popular (from its own file) and against each
+    later model, paired over the users both evaluated."""
+    models = [(name, path) for name, d, _, path in rows if path is not None and d.get("per_user")]
+    out = []
+    for i, (name, path) in enumerate(models):
+        mine = per_user(path, metric)
+        try:
+            out.append((name, "most popular", paired_test(mine, per_user(path, metric, "most_popular"))))
+        except UserError:
+            pass  # a file without the rule's per-user ranks
+        for other, other_path in models[i + 1:]:
+            out.append((name, other, paired_test(mine, per_user(other_path, metric))))
+    return out
+
+
+def paired_markdown(tests, metric=PAIRED_METRIC):
+    lines = [f"| {metric}: A | vs B | users | A | B | A - B | t-test p | Wilcoxon p |", "|---|---|---|---|---|---|---|---|"]
+    for a, b, res in tests:
+        lines.append(f"| {a} | {b} | {res['users']} | {res['mean_a']:.4f} | {res['mean_b']:.4f} | "
+                     f"{res['difference']:+.4f} | {res['t_test_p']:.2g} | {res['wilcoxon_p']:.2g} |")
+    return "\n".join(lines)
+
+
 def markdown(rows):
-    lines = ["| model | minutes | ids | seed | " + " | ".join(METRICS) + " |",
-             "|---|---|---|---|" + "---|" * len(METRICS)]
+    lines = ["| model | minutes | ids | protocol | seed | " + " | ".join(METRICS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(METRICS)]
     best = {m: max((figs.get(m, -1) for _, _, figs, _ in rows), default=None) for m in METRICS}
     for name, d, figs, _ in rows:
         cells = [(f"**{figs[m]:.4f}**" if figs[m] == best[m] else f"{figs[m]:.4f}") if m in figs else "" for m in METRICS]
         minutes = f"{d['minutes']:.1f}" if d.get("minutes") is not None else "?"
-        lines.append(f"| {name} | {minutes} | {d.get('ids') or ''} | {d.get('seed') if d.get('seed') is not None else ''} | "
+        lines.append(f"| {name} | {minutes} | {d.get('ids') or ''} | {d.get('protocol', '')} | "
+                     f"{d.get('seed') if d.get('seed') is not None else ''} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -124,6 +166,9 @@ def main(argv=None):
     rows = table(args.files)
     text = markdown(rows)
     print(text)
+    tests = paired_tests(rows)
+    if tests:
+        print("\npaired over users (per-user " + PAIRED_METRIC + "):\n" + paired_markdown(tests))
     if args.plot:
         plot(rows, args.plot)
         print(f"\nchart -> {args.plot}")

@@ -91,7 +91,8 @@ def parse_seeds(text):
 
 def load(path):
     r = read_json(path)
-    if not isinstance(r, dict) or not isinstance(r.get("results"), dict):
+    hsft = isinstance(r, dict) and isinstance(r.get("metrics"), dict) and "popularity" in r   # hllm/main.py
+    if not isinstance(r, dict) or not (hsft or isinstance(r.get("results"), dict)):
         raise UserError(f"{path}: not a results file of seq.py / topn.py / exp.py / hllm")
     return r
 
