@@ -7,7 +7,10 @@ Reads DIR/explanation.json ({"train": [...], "val": [...], "test": [...]}, recor
 feature}) and runs the stages of data/stages.py in order, prompts from data/prompts.yaml. Each stage appends one
 JSON line per finished record to DIR/distill/stage{k}.jsonl (DIR/distill/stage{k}.rank{r}.jsonl under torchrun):
 the record's key [split, index], a hash of its prompt, the fields written, the raw answer and, when the answer
-could not be used, the fallback reason. A record is done when its line exists for the same prompt, so a killed run
+could not be used, the fallback reason. By default answers are generated under each stage's shape (`--constrained`:
+the grammar data/stages.py derives from the stage row, e.g. `The user is <1-9 words>.`), so they parse by
+construction; `--no-constrained` is the paper's free generation, read by the lenient parsers. A record is done when
+its line exists for the same prompt (and the same constraint), so a killed run
 resumes where it stopped; a record whose LLM call failed gets the paper's fallback now and is retried next run.
 When all five stages are complete it writes DIR/explanation_rationale.json (each record + the six fields).
 """
@@ -27,7 +30,9 @@ from tqdm import tqdm
 import utils
 from dataset import DataError, read_json
 from data.quality import format_report, quality_report, report_path
-from data.stages import PRODUCER, STAGES, fallback_fields, load_prompts, parse_answer, render_dialog, PROMPTS_FILE
+from data.stages import (PRODUCER, STAGES, fallback_fields, generation_budget, load_prompts, parse_answer,
+                         render_dialog, shape_grammar, PROMPTS_FILE)
+from llama.backends import GRAMMAR_FIELDS
 
 BACKEND_FAILURE = "backend failure"
 MAX_FAILED_BATCHES_IN_A_ROW = 5  # then the backend is down (or misconfigured): stop instead of burning the dataset
@@ -49,6 +54,13 @@ def parse_args(argv=None, default_data_dir=None):
     p.add_argument("--max_batch_size", type=int, default=6)
     p.add_argument("--max_gen_len", type=int, default=128,
                    help="tokens per answer; 0 = up to max_seq_len as in the paper (answers are one or two sentences)")
+    p.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate each answer under its stage's shape (default); --no-constrained: free generation "
+                        "as in the paper, answers read by the lenient parsers")
+    p.add_argument("--grammar_field", default="grammar", choices=GRAMMAR_FIELDS,
+                   help="--backend openai: the request field the server reads a GBNF grammar from (llama.cpp: "
+                        "grammar; vLLM: guided_grammar before 0.10.2, structured_outputs since); none: the server "
+                        "has none, answers are generated free")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--greedy", action="store_true", help="greedy decoding (temperature 0)")
@@ -70,7 +82,19 @@ def parse_args(argv=None, default_data_dir=None):
         p.error(f"--stages must name stages among 1..{len(STAGES)}, got {args.stages}")
     if args.greedy:
         args.temperature = 0.0
+    if args.constrained and args.backend == "openai" and args.grammar_field == "none":
+        print("--grammar_field none: the server is sent no grammar, so answers are generated free (--no-constrained)")
+        args.constrained = False
+    if args.constrained and args.max_gen_len:
+        for stage in STAGES:
+            if stage.number in args.stages and args.max_gen_len < generation_budget(stage):
+                p.error(f"--max_gen_len {args.max_gen_len} is too short for stage {stage.number} '{stage.name}' under "
+                        f"its shape (up to ~{generation_budget(stage)} tokens): raise it or use --no-constrained")
     return args
+
+
+def stage_grammar(stage, constrained):
+    return shape_grammar(stage) if constrained else None
 
 
 # ----------------------------------------------------------------------------- input records
@@ -178,13 +202,15 @@ def merge_shards(out_dir, number, order):
         shard.unlink()
 
 
-def prompt_hash(dialog):
-    return hashlib.sha1(json.dumps(dialog, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+def prompt_hash(dialog, grammar=None):
+    """Answers are keyed by what was asked: the dialog, and the grammar when the answer was constrained."""
+    asked = dialog if grammar is None else {"dialog": dialog, "grammar": grammar}
+    return hashlib.sha1(json.dumps(asked, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- running one stage
 
-def behind(records, outputs, prompts):
+def behind(records, outputs, prompts, constrained=False):
     """{stage number: keys without a current answer}. An answer is current when it exists and answers the prompt
     made from the current answers of the stages before it (an earlier stage redone since makes it stale)."""
     stale = {}
@@ -195,7 +221,8 @@ def behind(records, outputs, prompts):
             line = outputs[stage.number].get(key)
             if line is None or any(key in stale[n] for n in producers):
                 stale[stage.number].add(key)
-            elif line["prompt"] != prompt_hash(render_dialog(prompts[stage.name], read_inputs(stage, key, record, outputs))):
+            elif line["prompt"] != prompt_hash(render_dialog(prompts[stage.name], read_inputs(stage, key, record, outputs)),
+                                               stage_grammar(stage, constrained)):
                 stale[stage.number].add(key)
     return stale
 
@@ -221,18 +248,18 @@ def stage_inputs(stage, records, outputs, stale, out_dir):
     return {key: read_inputs(stage, key, record, outputs) for key, record in records.items()}
 
 
-def answer(generator, dialogs, args):
+def answer(generator, dialogs, args, grammar=None):
     """(answers, errors), one of each per dialog. The backend has already retried what can be retried, so an exception
     here is final for this run. A ValueError is about the input (e.g. a prompt longer than max_seq_len): the batch is
     asked again one dialog at a time so that only the offending records fail; any other error fails the batch."""
     try:
         results = generator.chat_completion(dialogs, temperature=args.temperature, top_p=args.top_p,
-                                            max_gen_len=args.max_gen_len or None)
+                                            max_gen_len=args.max_gen_len or None, grammar=grammar)
         return [result["generation"]["content"] for result in results], [None] * len(dialogs)
     except ValueError as e:
         if len(dialogs) == 1:
             return [None], [f"{type(e).__name__}: {e}"]
-        pairs = [answer(generator, [dialog], args) for dialog in dialogs]
+        pairs = [answer(generator, [dialog], args, grammar) for dialog in dialogs]
         return [a[0] for a, _ in pairs], [e[0] for _, e in pairs]
     except Exception as e:
         return [None] * len(dialogs), [f"{type(e).__name__}: {e}"] * len(dialogs)
@@ -243,10 +270,11 @@ def run_stage(stage, records, outputs, stale, prompt, generator, out_dir, args, 
     start = time.time()
     inputs = stage_inputs(stage, records, outputs, stale, out_dir)
     done = read_stage(out_dir, stage.number)
+    grammar = stage_grammar(stage, getattr(args, "constrained", False))
     dialogs, shas = {}, {}
     for key in records:
         dialogs[key] = render_dialog(prompt, inputs[key])
-        shas[key] = prompt_hash(dialogs[key])
+        shas[key] = prompt_hash(dialogs[key], grammar)
     # answers already on file, for any record with the same prompt (a backend failure is no answer)
     known = {line["prompt"]: line["raw"] for line in done.values() if line.get("fallback") != BACKEND_FAILURE}
     pending = [key for key in records
@@ -289,7 +317,7 @@ def run_stage(stage, records, outputs, stale, prompt, generator, out_dir, args, 
         bar.update(counts["reused"])
         for i in range(0, len(generate), args.max_batch_size):
             batch = generate[i:i + args.max_batch_size]
-            answers, errors = answer(generator, [dialogs[by_prompt[sha][0]] for sha in batch], args)
+            answers, errors = answer(generator, [dialogs[by_prompt[sha][0]] for sha in batch], args, grammar)
             failed = [error for error in errors if error is not None]
             failed_in_a_row = failed_in_a_row + 1 if len(failed) == len(batch) else 0
             if failed:  # keep going: these records get the fallback now and are retried by the next run
@@ -385,7 +413,7 @@ def distill(args, generator):
 
     outputs = {stage.number: read_stage(out_dir, stage.number) for stage in STAGES}
     for stage in selected:
-        stale = behind(records, outputs, prompts)
+        stale = behind(records, outputs, prompts, getattr(args, "constrained", False))
         counts = run_stage(stage, records, outputs, stale, prompts[stage.name], generator, out_dir, args, rank,
                            world_size)
         barrier()
@@ -398,7 +426,8 @@ def distill(args, generator):
     if rank != 0:
         return None
     write_report(data_dir, records, outputs, prompts, args.prompts)
-    unfinished = {number: len(keys) for number, keys in behind(records, outputs, prompts).items() if keys}
+    unfinished = {number: len(keys) for number, keys in
+                  behind(records, outputs, prompts, getattr(args, "constrained", False)).items() if keys}
     if unfinished:
         print(f"no current answer yet for: {', '.join(f'stage {n} ({k} records)' for n, k in unfinished.items())}; "
               f"explanation_rationale.json not written (run --stages {','.join(map(str, unfinished))})")
@@ -440,7 +469,8 @@ def main(argv=None, default_data_dir=None):
     from llama import Llama  # imported here so the pipeline itself can be used (and tested) without a model
     generator = Llama.build(ckpt_dir=args.ckpt_dir, tokenizer_path=args.tokenizer_path, max_seq_len=args.max_seq_len,
                             max_batch_size=args.max_batch_size, backend=args.backend, server_url=args.server_url,
-                            model_name=args.model_name, seed=args.seed, dtype=args.dtype, device=args.device)
+                            model_name=args.model_name, seed=args.seed, dtype=args.dtype, device=args.device,
+                            **({"grammar_field": args.grammar_field} if args.backend == "openai" else {}))
     distill(args, generator)
 
 

@@ -7,6 +7,14 @@ data/distill.py runs the rows in order; nothing here knows about files, batches 
 Parsers take an answer already passed through `clean` (markdown, openers like "Sure! Here is ...:" and curly
 quotes removed) and return the written fields, or None when the answer holds nothing usable. `parse_answer`
 wraps them with the checks every stage shares (empty answer, refusal, restatement of the prompt).
+
+Each row also states its answer's shape once (`shape`: one `Line` per answer line, e.g. `1. The user prefers <1-17
+words>.`). From that one statement come the grammar that constrained generation follows (GBNF, read by xgrammar for
+the transformers backend, by vLLM's structured outputs and by llama.cpp's server) and a parser of answers in that
+shape. Every answer goes to the stage's lenient parser first (it also tidies labels and repeated stems); one in the
+shape that it cannot read is read by the shape's parser, so a constrained answer never falls back for its format.
+The word bounds come from the stage's `max_words`, so a constrained answer is never over the limit the quality
+report checks.
 """
 import re
 import string
@@ -216,6 +224,78 @@ def parse_explanation(text):
     return {"groundtruth_explanation": body}
 
 
+# ----------------------------------------------------------------------------- answer shapes
+
+# a word: no space or control character, sentence end, quote, template bracket or markdown; the same class is
+# valid GBNF and Python regex syntax, so the grammar and the parser agree character for character
+WORD_CHARS = r'[^\x00-\x20\x7f.!?"\[\]<>*_`]'
+MAX_WORD_CHARS = 24
+
+
+@dataclass(frozen=True)
+class Line:
+    """One answer line: `prefix + stem + <words> + "."`; the field gets `stem + <words> + end`."""
+    field: str
+    prefix: str = ""     # answer-only text: numbering ("1. ") or a label ("Review summary: ")
+    stem: str = ""       # words the answer line starts with that are kept in the field ("The user is ")
+    end: str = "."       # what ends the field (the summaries and explanations keep no final stop)
+    min_words: int = 1   # free words, after the stem
+
+
+def word_budget(line, max_words):
+    """(min, max) free words of a line, the stem's words counted in the stage's max_words."""
+    return line.min_words, max_words - len(line.stem.split())
+
+
+def gbnf_literal(text):
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def shape_grammar(stage):
+    """The stage's answer shape as a GBNF grammar (llama.cpp's format, which xgrammar and vLLM also read)."""
+    parts, rules = [], {}
+    for i, line in enumerate(stage.shape):
+        lo, hi = word_budget(line, stage.max_words)
+        name = f"words-{lo}-{hi}"
+        rules[name] = f"{name} ::= word (" + '" " word){' + f"{lo - 1},{hi - 1}" + "}"
+        opening = ("\n" if i else "") + line.prefix + line.stem
+        parts += ([gbnf_literal(opening)] if opening else []) + [name, gbnf_literal(".")]
+    return "\n".join([f"root ::= {' '.join(parts)}", *rules.values(), f"word ::= {WORD_CHARS}{{1,{MAX_WORD_CHARS}}}"])
+
+
+def shape_regex(stage):
+    """The same shape as a Python regex, one named group per written field."""
+    parts = []
+    for i, line in enumerate(stage.shape):
+        lo, hi = word_budget(line, stage.max_words)
+        word = f"{WORD_CHARS}{{1,{MAX_WORD_CHARS}}}"
+        parts.append(("\n" if i else "") + re.escape(line.prefix + line.stem)
+                     + f"(?P<{line.field}>{word}(?: {word}){{{lo - 1},{hi - 1}}})\\.")
+    return re.compile("".join(parts))
+
+
+def parse_shaped(stage, answer):
+    """The fields of an answer exactly in the stage's shape, or None."""
+    match = shape_regex(stage).fullmatch(answer.strip())
+    if not match:
+        return None
+    fields = {}
+    for line in stage.shape:
+        body = match.group(line.field).rstrip(",;:")
+        if line.stem and body.lower().startswith(line.stem.lower()):   # "The user is the user is kind."
+            body = body[len(line.stem):]
+        if not has_content(body):        # "xxx" and the like fit the shape but say nothing
+            return None
+        fields[line.field] = f"{line.stem}{body}{line.end}"
+    return fields
+
+
+def generation_budget(stage, tokens_per_word=2):
+    """Tokens a constrained answer may need at most in practice (each free word ~2 tokens, the fixed text 1 a word)."""
+    fixed = sum(len((line.prefix + line.stem).split()) + 1 for line in stage.shape)
+    return fixed + sum(word_budget(line, stage.max_words)[1] * tokens_per_word for line in stage.shape)
+
+
 # ----------------------------------------------------------------------------- the stages
 
 @dataclass(frozen=True)
@@ -227,19 +307,25 @@ class Stage:
     writes: tuple
     fallback: str        # when the answer is unusable, every written field gets this field's value (the paper's rule)
     max_words: int       # what the prompt asks for, in words per written field (data/quality.py counts answers over it)
+    shape: tuple         # the answer's lines (Line): the grammar of constrained generation and the exact parser
 
 
 STAGES = (
     Stage(1, "preference_attributes", ("explanation",),
-          parse_preference_attributes, ("user_preference", "item_attribution"), "explanation", 20),
+          parse_preference_attributes, ("user_preference", "item_attribution"), "explanation", 20,
+          (Line("user_preference", "1. ", "The user prefers "), Line("item_attribution", "2. ", "The item's attributes are "))),
     Stage(2, "personality", ("explanation", "user_preference", "item_attribution"),
-          parse_personality, ("user_personality",), "user_preference", 12),
+          parse_personality, ("user_personality",), "user_preference", 12,
+          (Line("user_personality", stem="The user is "),)),
     Stage(3, "audience", ("explanation", "user_preference", "item_attribution", "user_personality"),
-          parse_audience, ("item_audience",), "item_attribution", 20),
+          parse_audience, ("item_audience",), "item_attribution", 20,
+          (Line("item_audience", stem="The item's audience is "),)),
     Stage(4, "review_summary", ("explanation", "user_preference", "item_attribution", "user_personality", "item_audience"),
-          parse_summary, ("review_summary",), "explanation", 40),
+          parse_summary, ("review_summary",), "explanation", 40,
+          (Line("review_summary", prefix="Review summary: ", end="", min_words=3),)),
     Stage(5, "groundtruth_explanation", ("explanation",),
-          parse_explanation, ("groundtruth_explanation",), "explanation", MAX_EXPLANATION_WORDS),
+          parse_explanation, ("groundtruth_explanation",), "explanation", MAX_EXPLANATION_WORDS,
+          (Line("groundtruth_explanation", end="", min_words=3),)),
 )
 PRODUCER = {field: stage for stage in STAGES for field in stage.writes}  # which stage writes a field
 
@@ -291,7 +377,7 @@ def parse_answer(stage, answer, dialog):
         return None, REFUSAL_REASON
     if is_restatement(text, dialog):
         return None, RESTATEMENT
-    fields = stage.parse(text)
+    fields = stage.parse(text) or parse_shaped(stage, answer)   # tidied by the stage's parser; in the shape, always read
     return (fields, None) if fields else (None, UNPARSEABLE)
 
 

@@ -1,5 +1,7 @@
 """Three ways to turn a list of dialogs into a list of replies; each exposes generate(dialogs, temperature, top_p,
-max_gen_len) -> list[str], in the order given.
+max_gen_len, grammar=None) -> list[str], in the order given. `grammar` (GBNF text) constrains every reply to it:
+transformers through xgrammar's logits processor, vLLM through its structured outputs (xgrammar inside), an
+OpenAI-compatible server through the request field it reads (`grammar_field`: llama.cpp's `grammar` by default).
 
   TransformersBackend  in-process model.generate, batched with left padding (default; CPU or one GPU)
   VLLMBackend          vLLM in-process, tensor parallel over the visible GPUs (imported only when asked for)
@@ -28,8 +30,19 @@ class TransformersBackend:
         self.max_seq_len, self.max_batch_size, self.seed, self.device = max_seq_len, max_batch_size, seed, device
         self.prefix_cache = prefix_cache
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0}  # running totals, for throughput reports
+        self.compiled = {}  # grammar text -> xgrammar's compiled grammar for this tokenizer
 
-    def generate(self, dialogs, temperature, top_p, max_gen_len):
+    def compile(self, grammar):
+        """xgrammar: a maintained C++ grammar engine (vLLM's and SGLang's default) whose per-token masks cost little
+        on a CPU, reading the same GBNF text as llama.cpp; compiled once per grammar and tokenizer."""
+        if grammar not in self.compiled:
+            import xgrammar as xgr
+            if not self.compiled:
+                self.compiler = xgr.GrammarCompiler(tokenizer_info(self.chat, self.model.config.vocab_size))
+            self.compiled[grammar] = self.compiler.compile_grammar(grammar)
+        return self.compiled[grammar]
+
+    def generate(self, dialogs, temperature, top_p, max_gen_len, grammar=None):
         prompts = [self.chat.encode_dialog_prompt(d) for d in dialogs]
         for i, p in enumerate(prompts):
             if len(p) >= self.max_seq_len:
@@ -45,7 +58,7 @@ class TransformersBackend:
         for start in range(0, len(order), self.max_batch_size):
             idx = order[start:start + self.max_batch_size]
             batch = [prompts[i] for i in idx]
-            for i, text in zip(idx, self.generate_batch(batch, temperature, top_p, max_gen_len, prefix, cache)):
+            for i, text in zip(idx, self.generate_batch(batch, temperature, top_p, max_gen_len, prefix, cache, grammar)):
                 replies[i] = text
         return replies
 
@@ -54,7 +67,7 @@ class TransformersBackend:
         return self.model(torch.tensor([prefix], device=self.device), use_cache=True).past_key_values
 
     @torch.inference_mode()
-    def generate_batch(self, prompts, temperature, top_p, max_gen_len, prefix=(), prefix_cache=None):
+    def generate_batch(self, prompts, temperature, top_p, max_gen_len, prefix=(), prefix_cache=None, grammar=None):
         # Row layout: [shared prefix][padding][rest of the prompt]. The mask hides the padding and position ids
         # follow the mask, so each row is computed as if it stood alone (plain left padding when no prefix).
         n = len(prefix)
@@ -70,6 +83,9 @@ class TransformersBackend:
         if prefix_cache is not None:
             kwargs["past_key_values"] = copy.deepcopy(prefix_cache)
             kwargs["past_key_values"].batch_repeat_interleave(len(prompts))
+        if grammar is not None:
+            import xgrammar.contrib.hf
+            kwargs["logits_processor"] = [xgrammar.contrib.hf.LogitsProcessor(self.compile(grammar))]  # one per call
         # Meta's semantics: at most max_gen_len new tokens (default max_seq_len - 1), prompt + reply <= max_seq_len.
         max_new = min(max_gen_len or self.max_seq_len - 1, self.max_seq_len - max(len(p) for p in prompts))
         # Seeded from the batch's own tokens: the same prompts give the same samples whatever ran before.
@@ -86,6 +102,18 @@ class TransformersBackend:
             self.stats["generated_tokens"] += min(cut + 1, len(row))  # the stop token was generated too
         self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
         return replies
+
+
+def tokenizer_info(chat, vocab_size):
+    """xgrammar's view of the model's vocabulary: a Hugging Face tokenizer, or Meta's tiktoken one (raw bytes)."""
+    import xgrammar as xgr
+    if hasattr(chat.tokenizer, "model") and hasattr(chat.tokenizer.model, "decode_single_token_bytes"):  # Meta's
+        enc, special = chat.tokenizer.model, chat.tokenizer.special_tokens
+        names = {i: name for name, i in special.items()}
+        vocab = [enc.decode_single_token_bytes(i) if i < enc.n_vocab - len(special) else names.get(i, "").encode()
+                 for i in range(enc.n_vocab)]
+        return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=list(chat.stop_ids))
+    return xgr.TokenizerInfo.from_huggingface(chat.tokenizer, vocab_size=vocab_size, stop_token_ids=list(chat.stop_ids))
 
 
 def shared_prefix(prompts):
@@ -116,10 +144,18 @@ class VLLMBackend:
                        max_model_len=max_seq_len, seed=seed, dtype=str(dtype).replace("torch.", "") if dtype else "auto",
                        **engine_kwargs)
 
-    def generate(self, dialogs, temperature, top_p, max_gen_len):
+    def generate(self, dialogs, temperature, top_p, max_gen_len, grammar=None):
         from vllm import SamplingParams
+        constraint = {}
+        if grammar is not None:
+            try:   # vLLM >= 0.10.2
+                from vllm.sampling_params import StructuredOutputsParams
+                constraint = {"structured_outputs": StructuredOutputsParams(grammar=grammar)}
+            except ImportError:
+                from vllm.sampling_params import GuidedDecodingParams
+                constraint = {"guided_decoding": GuidedDecodingParams(grammar=grammar)}
         params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                max_tokens=max_gen_len, seed=self.seed)
+                                max_tokens=max_gen_len, seed=self.seed, **constraint)
         return [o.outputs[0].text for o in self.llm.chat(dialogs, params, use_tqdm=False)]
 
 
@@ -134,11 +170,26 @@ def chat_url(server_url):
     return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
 
 
+# where an OpenAI-compatible server reads a GBNF grammar: llama.cpp's server; vLLM's server before and since 0.10.2;
+# "none" for servers that have no such field (OpenAI's own API rejects unknown fields): answers are parsed as free text
+GRAMMAR_FIELDS = ("grammar", "guided_grammar", "structured_outputs", "none")
+
+
+def grammar_request(field, grammar):
+    if grammar is None or field == "none":
+        return {}
+    if field not in GRAMMAR_FIELDS:
+        raise UserError(f"--grammar_field {field!r}: choose from {', '.join(GRAMMAR_FIELDS)}")
+    return {"structured_outputs": {"grammar": grammar}} if field == "structured_outputs" else {field: grammar}
+
+
 class OpenAIBackend:
     RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
     def __init__(self, server_url, model_name=None, seed=1, concurrency=6, timeout=120.0, retries=4, backoff=1.0,
-                 api_key=None):
+                 api_key=None, grammar_field="grammar"):
+        grammar_request(grammar_field, "")  # checks the name now
+        self.grammar_field = grammar_field
         self.url = chat_url(server_url)
         self.seed, self.concurrency, self.timeout, self.retries, self.backoff = seed, concurrency, timeout, retries, backoff
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
@@ -168,9 +219,9 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError):
             return "default"
 
-    def complete(self, dialog, temperature, top_p, max_gen_len):
+    def complete(self, dialog, temperature, top_p, max_gen_len, grammar=None):
         body = {"model": self.model_name, "messages": dialog, "temperature": temperature, "top_p": top_p,
-                "seed": self.seed}
+                "seed": self.seed, **grammar_request(self.grammar_field, grammar)}
         if max_gen_len:
             body["max_tokens"] = max_gen_len
         last = None
@@ -193,6 +244,6 @@ class OpenAIBackend:
                 raise ServerError(f"{self.url}: reply without choices[0].message.content: {str(answer)[:200]}") from e
         raise ServerError(f"{self.url}: failed after {self.retries + 1} attempts; last error: {last}")
 
-    def generate(self, dialogs, temperature, top_p, max_gen_len):
+    def generate(self, dialogs, temperature, top_p, max_gen_len, grammar=None):
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda d: self.complete(d, temperature, top_p, max_gen_len), dialogs))
+            return list(pool.map(lambda d: self.complete(d, temperature, top_p, max_gen_len, grammar), dialogs))

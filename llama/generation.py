@@ -36,7 +36,8 @@ class Llama:
               server_url=None, model_name=None, seed=1, dtype=None, device=None, **backend_kwargs):
         """ckpt_dir: HF folder or hub id, .gguf, Meta Llama 3 folder, or None for SmolLM2-135M-Instruct.
         backend: "transformers" | "vllm" | "openai" (then server_url, and optionally model_name, is what counts).
-        Extra keyword arguments go to the backend: openai: concurrency, timeout, retries, backoff, api_key;
+        Extra keyword arguments go to the backend: openai: concurrency, timeout, retries, backoff, api_key,
+        grammar_field;
         vllm: vllm.LLM's engine arguments; transformers: prefix_cache (default True), others ignored."""
         torch.manual_seed(seed)
         if backend == "openai":
@@ -65,13 +66,15 @@ class Llama:
     def __init__(self, backend):
         self.backend = backend
 
-    def chat_completion(self, dialogs, temperature=0.6, top_p=0.9, max_gen_len=None):
+    def chat_completion(self, dialogs, temperature=0.6, top_p=0.9, max_gen_len=None, grammar=None):
         """dialogs: lists of {"role": "system"|"user"|"assistant", "content": str}. temperature 0 = greedy.
+        grammar: GBNF text every reply must follow (constrained generation), or None.
         Returns [{"generation": {"role": "assistant", "content": str}}], one per dialog, same order."""
         for i, dialog in enumerate(dialogs):
             if not dialog or any(m.get("role") not in ("system", "user", "assistant")
                                  or not isinstance(m.get("content"), str) for m in dialog):
                 raise ValueError(f"dialog {i} must be a non-empty list of {{'role': system|user|assistant, "
                                  f"'content': str}}: {str(dialog)[:200]}")
-        replies = self.backend.generate(dialogs, temperature, top_p, max_gen_len) if dialogs else []
+        extra = {"grammar": grammar} if grammar is not None else {}
+        replies = self.backend.generate(dialogs, temperature, top_p, max_gen_len, **extra) if dialogs else []
         return [{"generation": {"role": "assistant", "content": r.strip()}} for r in replies]

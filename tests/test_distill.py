@@ -16,7 +16,8 @@ import pytest
 from data import distill
 from dataset import DataError
 from utils import UserError
-from data.stages import STAGES, load_prompts, parse_answer, render_dialog
+from data.stages import (STAGES, generation_budget, load_prompts, parse_answer, parse_shaped, render_dialog,
+                         shape_grammar, shape_regex, word_budget)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -89,7 +90,8 @@ class Fake:
         self.fail_batches = set(fail_batches)  # batch numbers (from 0) that raise like a dead server
         self.too_long = too_long         # a dialog holding this text is refused like a prompt over max_seq_len
 
-    def chat_completion(self, dialogs, temperature=0.6, top_p=0.9, max_gen_len=None):
+    def chat_completion(self, dialogs, temperature=0.6, top_p=0.9, max_gen_len=None, grammar=None):
+        self.grammars = getattr(self, "grammars", []) + [grammar]
         batch, self.batches = self.batches, self.batches + 1
         if self.crash_after is not None and len(self.answered) + len(dialogs) > self.crash_after:
             raise Killed()
@@ -389,7 +391,7 @@ def tiny_llama(tmp_path_factory):
 def test_stages_chain_on_a_tiny_random_llama(tmp_path, tiny_llama, capsys):
     pytest.importorskip("llama")
     data_dir = make_dataset(tmp_path / "toys")
-    argv = ["--data_dir", str(data_dir), "--ckpt_dir", str(tiny_llama), "--limit", "2", "--max_gen_len", "12",
+    argv = ["--data_dir", str(data_dir), "--ckpt_dir", str(tiny_llama), "--limit", "2", "--max_gen_len", "96",
             "--max_batch_size", "3", "--seed", "3"]
     distill.main(argv)
     merged = json.loads((data_dir / "explanation_rationale.json").read_text())
@@ -404,6 +406,8 @@ def test_stages_chain_on_a_tiny_random_llama(tmp_path, tiny_llama, capsys):
             assert all(record[field] == value for field, value in line["outputs"].items())
             if line["fallback"]:
                 assert set(line["outputs"].values()) == {record[stage.fallback]}
+            else:   # generated under the stage's grammar: the answer is exactly in its shape
+                assert parse_shaped(stage, line["raw"]) is not None, line["raw"]
     assert "stage 5 groundtruth_explanation: 6 records" in capsys.readouterr().out
     distill.main(argv)  # a second run finds everything done
     assert "6 already done, 0 generated" in capsys.readouterr().out
@@ -415,7 +419,7 @@ def test_short_real_run_with_the_default_smollm2(tmp_path, capsys):
     data_dir = tmp_path / "toys"
     data_dir.mkdir()
     shutil.copy(SAMPLE, data_dir / "explanation.json")  # only a "train" split, and a "source" note
-    distill.main(["--data_dir", str(data_dir), "--limit", "3", "--greedy", "--max_batch_size", "3", "--max_gen_len", "64"])
+    distill.main(["--data_dir", str(data_dir), "--limit", "3", "--greedy", "--max_batch_size", "3", "--max_gen_len", "96"])
     out = capsys.readouterr().out
     merged = json.loads((data_dir / "explanation_rationale.json").read_text())
     assert list(merged) == ["source", "train"] and len(merged["train"]) == 25
@@ -425,6 +429,64 @@ def test_short_real_run_with_the_default_smollm2(tmp_path, capsys):
     assert len(answered) == 15 and not any(line["fallback"] == distill.BACKEND_FAILURE for line in answered)
     assert sum(line["fallback"] is None for line in answered) >= 3, "SmolLM2 answers prompts in the asked format"
     print(out)
+
+
+# ----------------------------------------------------------------------------- answer shapes, constrained generation
+
+def shaped_answer(stage, n_words):
+    """An answer in the stage's shape with n_words free words on every line."""
+    return "\n".join(line.prefix + line.stem + " ".join(f"soft{i}" for i in range(n_words)) + "."
+                      for line in stage.shape)
+
+
+def test_each_stage_shape_gives_its_grammar_and_its_parser():
+    """One statement per stage: the grammar (read by xgrammar here) and the regex accept the same answers, the
+    answers it allows parse without a fallback and stay within the stage's word limit."""
+    from xgrammar.testing import _is_grammar_accept_string as grammar_accepts
+    for stage in STAGES:
+        grammar, regex = shape_grammar(stage), shape_regex(stage)
+        lo, hi = min(word_budget(line, stage.max_words) for line in stage.shape)
+        longest, too_long = shaped_answer(stage, hi), shaped_answer(stage, hi + 1)
+        dialog = [{"role": "user", "content": "A user bought an item and said 'nice'."}]
+        for answer, ok in [(shaped_answer(stage, lo), True), (longest, True), (too_long, False),
+                           (shaped_answer(stage, lo) + " More.", False), (longest.replace("soft1", "so.ft"), False),
+                           (longest.replace("soft1", "[adjective]"), False), (longest.replace(" soft1", "  soft1"), False)]:
+            assert grammar_accepts(grammar, answer) is ok and bool(regex.fullmatch(answer)) is ok, (stage.name, answer)
+            if ok:
+                fields, reason = parse_answer(stage, answer, dialog)
+                assert reason is None and set(fields) == set(stage.writes)
+                assert all(len(v.split()) <= stage.max_words for v in fields.values()), fields
+        assert generation_budget(stage) <= 128, "the default --max_gen_len fits every constrained answer"
+    fields, _ = parse_answer(STAGES[0], shaped_answer(STAGES[0], 2), [])
+    assert fields == {"user_preference": "The user prefers soft0 soft1.", "item_attribution":
+                      "The item's attributes are soft0 soft1."}
+    assert parse_answer(STAGES[3], "Review summary: A fine soft gift.", [])[0] == {"review_summary": "A fine soft gift"}
+    assert parse_shaped(STAGES[1], "The user is xxx.") is None        # in the shape, but a template placeholder
+    # answers not in the shape (free generation) still go to the lenient parser
+    assert parse_answer(STAGES[1], "Sure! The user is thrifty and practical!", [])[0] == {
+        "user_personality": "The user is thrifty and practical."}
+
+
+def test_constrained_is_the_default_and_each_choice_keys_its_own_answers(tmp_path, capsys):
+    data_dir = make_dataset(tmp_path / "toys")
+    fake = Fake()
+    run(data_dir, fake)
+    shapes = {shape_grammar(stage) for stage in STAGES}
+    assert set(fake.grammars) == shapes and len(shapes) == 5           # every batch asked under its stage's grammar
+    capsys.readouterr()
+    free = Fake()
+    run(data_dir, free, "--no-constrained")      # the paper's free generation: asked again, not read from the file
+    assert set(free.grammars) == {None} and distinct(free.answered) == distinct(fake.answered)
+    assert "0 already done" in capsys.readouterr().out
+    again = Fake()
+    run(data_dir, again, "--no-constrained")
+    assert again.answered == []
+    with pytest.raises(SystemExit):
+        distill.parse_args(["--data_dir", str(data_dir), "--max_gen_len", "40"])
+    assert "--max_gen_len 40 is too short for stage 1" in capsys.readouterr().err
+    assert distill.parse_args(["--data_dir", "d", "--max_gen_len", "40", "--no-constrained"]).max_gen_len == 40
+    args = distill.parse_args(["--data_dir", "d", "--backend", "openai", "--grammar_field", "none"])
+    assert args.constrained is False and "answers are generated free" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- the quality report

@@ -154,7 +154,7 @@ class FakeLLMServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 dialog = body["messages"]
                 with server.lock:
-                    server.requests.append(distill.prompt_hash(dialog))
+                    server.requests.append(distill.prompt_hash(dialog, body.get("grammar")))
                 time.sleep(delay)
                 self.reply({"choices": [{"message": {"role": "assistant", "content": fake_answer(dialog)}}]})
 

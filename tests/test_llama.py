@@ -240,6 +240,25 @@ def test_meta_folder_chat_completion(tiny):
         assert result["generation"]["content"] == chat.decode(ids).strip()
 
 
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_constrained_generation_follows_the_stage_grammar(tiny, layout):
+    """A random model writes noise; under a stage's grammar (xgrammar's logits processor, batched, left-padded,
+    with the shared-prefix cache) every answer is in the stage's shape, for both tokenizer kinds."""
+    from data.stages import STAGES, parse_shaped, shape_grammar, shape_regex
+    stage = STAGES[1]                                          # "The user is <1-9 words>."
+    tok = {"tokenizer_path": str(tiny["meta"] / "tokenizer.model")} if layout == "meta" else {}
+    gen = Llama.build(ckpt_dir=str(tiny[layout]), max_seq_len=512, max_batch_size=3, seed=5, dtype="float32", **tok)
+    dialogs = [[{"role": "system", "content": "Describe the user."}, *d[-1:]] for d in DIALOGS]
+    constrained = gen.chat_completion(dialogs, temperature=1.0, max_gen_len=300, grammar=shape_grammar(stage))
+    free = gen.chat_completion(dialogs, temperature=1.0, max_gen_len=40)
+    for result in constrained:
+        answer = result["generation"]["content"]
+        assert shape_regex(stage).fullmatch(answer), answer
+        assert parse_shaped(stage, answer) is not None or "xxx" in answer.lower()
+    assert not any(shape_regex(stage).fullmatch(r["generation"]["content"]) for r in free)
+    assert len({r["generation"]["content"] for r in constrained}) > 1      # sampled, not one forced string
+
+
 def test_vllm_backend_wiring(tiny, monkeypatch):
     """vLLM cannot run here (no GPU): check only what we hand it, with a stand-in module."""
     import sys
@@ -263,6 +282,11 @@ def test_vllm_backend_wiring(tiny, monkeypatch):
     out = gen.chat_completion(DIALOGS[:2], temperature=0, max_gen_len=5)
     assert [r["generation"]["content"] for r in out] == ["reply 0", "reply 1"]
     assert calls["params"] == {"temperature": 0, "top_p": 1.0, "max_tokens": 5, "seed": 3}
+    sampling = types.ModuleType("vllm.sampling_params")
+    sampling.StructuredOutputsParams = lambda **kw: ("structured outputs", kw)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling)
+    gen.chat_completion(DIALOGS[:1], temperature=0, max_gen_len=5, grammar='root ::= "yes"')
+    assert calls["params"]["structured_outputs"] == ("structured outputs", {"grammar": 'root ::= "yes"'})
     with pytest.raises(ModelLoadError, match="vLLM cannot read Meta"):
         Llama.build(ckpt_dir=str(tiny["meta"]), backend="vllm")
 
@@ -354,6 +378,23 @@ def test_server_backend_concurrent_in_order(stub):
     body = stub.bodies[0]
     assert body["model"] == "stub-model" and body["max_tokens"] == 32 and body["seed"] == 7
     assert body["temperature"] == 0.6 and body["top_p"] == 0.9
+
+
+def test_server_backend_sends_the_grammar_in_the_servers_field(stub):
+    from utils import UserError
+    grammar = 'root ::= "The user is " [a-z]+ "."'
+    dialog = [[{"role": "user", "content": "hi"}]]
+    for field, expected in [("grammar", {"grammar": grammar}), ("guided_grammar", {"guided_grammar": grammar}),
+                            ("structured_outputs", {"structured_outputs": {"grammar": grammar}}), ("none", {})]:
+        stub.bodies.clear()
+        Llama.build(backend="openai", server_url=stub.url, grammar_field=field).chat_completion(dialog, grammar=grammar)
+        sent = {k: v for k, v in stub.bodies[0].items() if k in ("grammar", "guided_grammar", "structured_outputs")}
+        assert sent == expected, field
+    stub.bodies.clear()
+    Llama.build(backend="openai", server_url=stub.url).chat_completion(dialog)          # unconstrained: no field
+    assert "grammar" not in stub.bodies[0]
+    with pytest.raises(UserError, match="--grammar_field 'regex'"):
+        Llama.build(backend="openai", server_url=stub.url, grammar_field="regex")
 
 
 def test_server_backend_retries_5xx_and_timeouts(stub):
