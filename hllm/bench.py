@@ -25,6 +25,7 @@ import torch
 from dataset import Dataset
 from hllm.data import TEXT_SOURCES, item_texts, load_interactions
 from hllm.evaluate import evaluate_model, pad_right
+from hllm.main import length_bucketed_batches
 from hllm.item_caching import embed_texts, load_item_cache
 from hllm.llm import load_base_model, load_tokenizer
 from hllm.model import build_user_llm, trainable_parameters
@@ -116,14 +117,15 @@ def main():
     model = build_user_llm(resolve(args.user_llm, "user"), table, args.mode, device)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
     sequences = [ds.train_items(u)[-(args.max_seq_len + 1):] for u in ds.sequences]
-    batches = [sequences[i:i + args.batch_size] for i in range(0, len(sequences), args.batch_size)]
+    # shuffled batches of similar lengths, as hllm/main.py trains (padding costs as much as real items on a CPU)
+    batches = [[sequences[i] for i in b] for b in
+               length_bucketed_batches([len(s) for s in sequences], args.batch_size, generator)]
     use_bf16 = bf16_supported(device)
-    order = random.Random(args.seed).sample(range(len(batches)), len(batches))  # not the file's first users
     seen, start = 0, None
     for step in range(args.steps + 1):  # step 0 is warm-up
         if step == 1:
             start = time.time()
-        batch = batches[order[step % len(batches)]]
+        batch = batches[step % len(batches)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model.loss(pad_right(batch).to(device), "nce", min(256, ds.num_items), generator)
         optimizer.zero_grad(set_to_none=True)

@@ -153,6 +153,21 @@ def load_item_cache(path, item_ids, id2item=None):
     return out, meta
 
 
+def stale_cache_reason(path, ds, item_model=None, item_text="auto", item_meta=None, pooling="last",
+                       max_text_tokens=128, log=print):
+    """Why the cache at `path` does not hold these items' texts as embedded by this model and settings (its hash of
+    the item texts, the model, pooling, text length), or None when it does. Texts are read again, not embedded."""
+    meta = read_cache_metadata(path)
+    texts, source, _ = item_texts(ds, item_text, item_meta, log=lambda *_: None)
+    wanted = {"model": str(item_model or "default"), "pooling": pooling, "max_text_tokens": max_text_tokens,
+              "text_source": source, "data_hash": data_fingerprint(ds, texts)}
+    for key, value in wanted.items():
+        if meta.get(key) != value:
+            what = "the item texts or the data differ" if key == "data_hash" else f"{key} {meta.get(key)!r}, not {value!r}"
+            return f"it was made with {what}"
+    return None
+
+
 def build_item_cache(ds, out, item_model=None, item_text="auto", item_meta=None, pooling="last", batch_size=32,
                      max_text_tokens=128, device=None, log=print):
     """Embed all items 1..num_items of `ds` and write the cache; returns its metadata."""

@@ -24,7 +24,7 @@ import torch
 from dataset import read_yaml
 from hllm.data import TEXT_SOURCES, load_interactions
 from hllm.evaluate import KS, eval_cases, evaluate_model, evaluate_popularity, pad_right
-from hllm.item_caching import build_item_cache, load_item_cache
+from hllm.item_caching import build_item_cache, load_item_cache, stale_cache_reason
 from hllm.model import (LOSSES, build_user_llm, load_user_llm, resolve_mode, save_user_llm,
                         trainable_parameters)
 from utils import (UserError, atomic_write_json, bf16_supported, file_sha256, pick_device, progress_bar,
@@ -189,7 +189,13 @@ def main(argv=None):
     # item embeddings: read the cache (built first when missing), or re-embed now
     cache = Path(args.item_cache_path or out_dir / "item_embeddings.safetensors")
     args.item_cache_path = str(cache)
-    if not args.use_item_cache or not cache.exists():
+    stale = None
+    if args.use_item_cache and cache.exists():   # reused only if made from these item texts by this model
+        stale = stale_cache_reason(cache, ds, args.item_pretrain_dir, args.item_text, args.item_meta, args.pooling,
+                                   args.max_text_tokens)
+        if stale:
+            print(f"item cache {cache}: {stale}; embedding the items again")
+    if not args.use_item_cache or not cache.exists() or stale:
         build_item_cache(ds, cache, args.item_pretrain_dir, args.item_text, args.item_meta, args.pooling,
                          max_text_tokens=args.max_text_tokens, device=device)
     item_ids = list(range(1, ds.num_items + 1))

@@ -272,7 +272,7 @@ def test_training_lowers_the_loss(tiny):
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow
-def test_end_to_end_cache_train_eval(tiny, tmp_path):
+def test_end_to_end_cache_train_eval(tiny, tmp_path, capsys):
     from hllm import main as hllm_main
     cache = tmp_path / "items.safetensors"
     common = ["--dataset", str(tiny["data"]), "--loss", "bce", "--use_item_cache", "True",
@@ -280,6 +280,17 @@ def test_end_to_end_cache_train_eval(tiny, tmp_path):
               "--item_pretrain_dir", tiny["item_llm"], "--seed", "3"]
     base = hllm_main.main(common + ["--val_only", "True", "--out", str(tmp_path / "base")])
     assert cache.exists() and base["mode"] == "none"  # the missing cache was built first
+    built = cache.stat().st_mtime_ns
+    capsys.readouterr()
+    hllm_main.main(common + ["--val_only", "True", "--out", str(tmp_path / "base")])
+    assert cache.stat().st_mtime_ns == built and "embedding the items again" not in capsys.readouterr().out
+    hllm_main.main(common + ["--val_only", "True", "--out", str(tmp_path / "other"), "--pooling", "mean"])
+    assert "it was made with pooling 'last', not 'mean'; embedding the items again" in capsys.readouterr().out
+    hllm_main.main(common + ["--val_only", "True", "--out", str(tmp_path / "other"), "--pooling", "mean",
+                             "--max_text_tokens", "16"])
+    assert "it was made with max_text_tokens 128, not 16" in capsys.readouterr().out
+    hllm_main.main(common + ["--val_only", "True", "--out", str(tmp_path / "base")])   # back to the first settings
+    assert "it was made with pooling 'mean', not 'last'" in capsys.readouterr().out
     config = tmp_path / "hllm.yaml"
     config.write_text("learning_rate: 0.01\nepochs: 1\nsome_hllm_setting: 3\n")
     report = hllm_main.main(common + ["--use_qlora", "True", "--config_file", str(config), "--batch_size", "2",

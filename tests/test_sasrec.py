@@ -40,7 +40,7 @@ config = Config(model='SASRec', dataset='beauty', config_dict=s.recbole_config(a
 _, valid, test = data_preparation(config, create_dataset(config))
 checked, bad = s.check_split(ds, {{'val': valid.dataset, 'test': test.dataset}})
 print('CLEAN', checked['val'], checked['test'], len(bad['val']), len(bad['test']))
-user = sorted(ds.sequences)[7]
+user = next(u for u in sorted(ds.sequences)[7:] if ds.sequences[u][-1] != ds.sequences[u][-2])
 items = ds.sequences[user]
 items[-1], items[-2] = items[-2], items[-1]      # our test and validation items swapped for one user
 checked, bad = s.check_split(ds, {{'val': valid.dataset, 'test': test.dataset}})
