@@ -226,10 +226,14 @@ def parse_explanation(text):
 
 # ----------------------------------------------------------------------------- answer shapes
 
-# a word: no space or control character, sentence end, quote, template bracket or markdown; the same class is
+# a word: no space or control character, sentence end, quote, template bracket or markdown, and it does not start
+# with "xx" (the prompts' template placeholder is "xxx": small models copy it into the shape); the same classes are
 # valid GBNF and Python regex syntax, so the grammar and the parser agree character for character
 WORD_CHARS = r'[^\x00-\x20\x7f.!?"\[\]<>*_`]'
+NOT_X = r'[^\x00-\x20\x7f.!?"\[\]<>*_`xX]'
 MAX_WORD_CHARS = 24
+WORD_GBNF = f"{NOT_X} {WORD_CHARS}{{0,{MAX_WORD_CHARS - 1}}} | [xX] ({NOT_X} {WORD_CHARS}{{0,{MAX_WORD_CHARS - 2}}})?"
+WORD_REGEX = f"(?:{NOT_X}{WORD_CHARS}{{0,{MAX_WORD_CHARS - 1}}}|[xX](?:{NOT_X}{WORD_CHARS}{{0,{MAX_WORD_CHARS - 2}}})?)"
 
 
 @dataclass(frozen=True)
@@ -260,7 +264,7 @@ def shape_grammar(stage):
         rules[name] = f"{name} ::= word (" + '" " word){' + f"{lo - 1},{hi - 1}" + "}"
         opening = ("\n" if i else "") + line.prefix + line.stem
         parts += ([gbnf_literal(opening)] if opening else []) + [name, gbnf_literal(".")]
-    return "\n".join([f"root ::= {' '.join(parts)}", *rules.values(), f"word ::= {WORD_CHARS}{{1,{MAX_WORD_CHARS}}}"])
+    return "\n".join([f"root ::= {' '.join(parts)}", *rules.values(), f"word ::= {WORD_GBNF}"])
 
 
 def shape_regex(stage):
@@ -268,7 +272,7 @@ def shape_regex(stage):
     parts = []
     for i, line in enumerate(stage.shape):
         lo, hi = word_budget(line, stage.max_words)
-        word = f"{WORD_CHARS}{{1,{MAX_WORD_CHARS}}}"
+        word = WORD_REGEX
         parts.append(("\n" if i else "") + re.escape(line.prefix + line.stem)
                      + f"(?P<{line.field}>{word}(?: {word}){{{lo - 1},{hi - 1}}})\\.")
     return re.compile("".join(parts))

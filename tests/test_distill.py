@@ -397,6 +397,7 @@ def test_stages_chain_on_a_tiny_random_llama(tmp_path, tiny_llama, capsys):
     merged = json.loads((data_dir / "explanation_rationale.json").read_text())
     source = json.loads((data_dir / "explanation.json").read_text())
     assert [len(merged[s]) for s in ("train", "val", "test")] == [len(source[s]) for s in ("train", "val", "test")]
+    in_shape = 0
     for stage in STAGES:
         lines = distill.read_stage(data_dir / "distill", stage.number)
         assert len(lines) == 6 and all(isinstance(line["raw"], str) and line["raw"] for line in lines.values())
@@ -406,8 +407,12 @@ def test_stages_chain_on_a_tiny_random_llama(tmp_path, tiny_llama, capsys):
             assert all(record[field] == value for field, value in line["outputs"].items())
             if line["fallback"]:
                 assert set(line["outputs"].values()) == {record[stage.fallback]}
-            else:   # generated under the stage's grammar: the answer is exactly in its shape
-                assert parse_shaped(stage, line["raw"]) is not None, line["raw"]
+            opening = stage.shape[0].prefix + stage.shape[0].stem
+            # generated under the stage's grammar: a random model writes the shape's opening (never by chance), and
+            # the answer is in the shape unless the token limit (or max_seq_len, for long prompts) cut it
+            assert line["raw"].startswith(opening) or opening.startswith(line["raw"]), line["raw"]
+            in_shape += parse_shaped(stage, line["raw"]) is not None
+    assert in_shape >= 6, "some answers end inside --max_gen_len and are exactly in their stage's shape"
     assert "stage 5 groundtruth_explanation: 6 records" in capsys.readouterr().out
     distill.main(argv)  # a second run finds everything done
     assert "6 already done, 0 generated" in capsys.readouterr().out
@@ -450,20 +455,22 @@ def test_each_stage_shape_gives_its_grammar_and_its_parser():
         dialog = [{"role": "user", "content": "A user bought an item and said 'nice'."}]
         for answer, ok in [(shaped_answer(stage, lo), True), (longest, True), (too_long, False),
                            (shaped_answer(stage, lo) + " More.", False), (longest.replace("soft1", "so.ft"), False),
-                           (longest.replace("soft1", "[adjective]"), False), (longest.replace(" soft1", "  soft1"), False)]:
+                           (longest.replace("soft1", "[adjective]"), False), (longest.replace(" soft1", "  soft1"), False),
+                           (longest.replace("soft1", "xxx"), False), (longest.replace("soft1", "xylo"), True)]:
             assert grammar_accepts(grammar, answer) is ok and bool(regex.fullmatch(answer)) is ok, (stage.name, answer)
             if ok:
                 fields, reason = parse_answer(stage, answer, dialog)
                 assert reason is None and set(fields) == set(stage.writes)
                 assert all(len(v.split()) <= stage.max_words for v in fields.values()), fields
         assert generation_budget(stage) <= 128, "the default --max_gen_len fits every constrained answer"
-    fields, _ = parse_answer(STAGES[0], shaped_answer(STAGES[0], 2), [])
+    dialog = [{"role": "user", "content": "A user bought an item and said 'nice'."}]
+    fields, _ = parse_answer(STAGES[0], shaped_answer(STAGES[0], 2), dialog)
     assert fields == {"user_preference": "The user prefers soft0 soft1.", "item_attribution":
                       "The item's attributes are soft0 soft1."}
-    assert parse_answer(STAGES[3], "Review summary: A fine soft gift.", [])[0] == {"review_summary": "A fine soft gift"}
-    assert parse_shaped(STAGES[1], "The user is xxx.") is None        # in the shape, but a template placeholder
+    assert parse_answer(STAGES[3], "Review summary: A fine soft gift.", dialog)[0] == {"review_summary": "A fine soft gift"}
+    assert parse_shaped(STAGES[1], "The user is xxx.") is None        # the template's placeholder is not in the shape
     # answers not in the shape (free generation) still go to the lenient parser
-    assert parse_answer(STAGES[1], "Sure! The user is thrifty and practical!", [])[0] == {
+    assert parse_answer(STAGES[1], "Sure! The user is thrifty and practical!", dialog)[0] == {
         "user_personality": "The user is thrifty and practical."}
 
 

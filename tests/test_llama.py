@@ -244,7 +244,7 @@ def test_meta_folder_chat_completion(tiny):
 def test_constrained_generation_follows_the_stage_grammar(tiny, layout):
     """A random model writes noise; under a stage's grammar (xgrammar's logits processor, batched, left-padded,
     with the shared-prefix cache) every answer is in the stage's shape, for both tokenizer kinds."""
-    from data.stages import STAGES, parse_shaped, shape_grammar, shape_regex
+    from data.stages import STAGES, has_content, parse_shaped, shape_grammar, shape_regex
     stage = STAGES[1]                                          # "The user is <1-9 words>."
     tok = {"tokenizer_path": str(tiny["meta"] / "tokenizer.model")} if layout == "meta" else {}
     gen = Llama.build(ckpt_dir=str(tiny[layout]), max_seq_len=512, max_batch_size=3, seed=5, dtype="float32", **tok)
@@ -254,7 +254,8 @@ def test_constrained_generation_follows_the_stage_grammar(tiny, layout):
     for result in constrained:
         answer = result["generation"]["content"]
         assert shape_regex(stage).fullmatch(answer), answer
-        assert parse_shaped(stage, answer) is not None or "xxx" in answer.lower()
+        # read as the stage's field unless the words hold no real word (two letters in a row): noise stays noise
+        assert parse_shaped(stage, answer) is not None or not has_content(answer[len("The user is "):-1]), answer
     assert not any(shape_regex(stage).fullmatch(r["generation"]["content"]) for r in free)
     assert len({r["generation"]["content"] for r in constrained}) > 1      # sampled, not one forced string
 
