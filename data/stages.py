@@ -16,6 +16,7 @@ shape that it cannot read is read by the shape's parser, so a constrained answer
 The word bounds come from the stage's `max_words`, so a constrained answer is never over the limit the quality
 report checks.
 """
+import functools
 import re
 import string
 from dataclasses import dataclass
@@ -255,6 +256,7 @@ def gbnf_literal(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+@functools.lru_cache(maxsize=None)   # asked once per record by the pipeline: built once per stage
 def shape_grammar(stage):
     """The stage's answer shape as a GBNF grammar (llama.cpp's format, which xgrammar and vLLM also read)."""
     parts, rules = [], {}
@@ -267,6 +269,7 @@ def shape_grammar(stage):
     return "\n".join([f"root ::= {' '.join(parts)}", *rules.values(), f"word ::= {WORD_GBNF}"])
 
 
+@functools.lru_cache(maxsize=None)
 def shape_regex(stage):
     """The same shape as a Python regex, one named group per written field."""
     parts = []
