@@ -270,7 +270,7 @@ def run_stage(stage, records, outputs, stale, prompt, generator, out_dir, args, 
     start = time.time()
     inputs = stage_inputs(stage, records, outputs, stale, out_dir)
     done = read_stage(out_dir, stage.number)
-    grammar = stage_grammar(stage, getattr(args, "constrained", False))
+    grammar = stage_grammar(stage, args.constrained)
     dialogs, shas = {}, {}
     for key in records:
         dialogs[key] = render_dialog(prompt, inputs[key])
@@ -413,7 +413,7 @@ def distill(args, generator):
 
     outputs = {stage.number: read_stage(out_dir, stage.number) for stage in STAGES}
     for stage in selected:
-        stale = behind(records, outputs, prompts, getattr(args, "constrained", False))
+        stale = behind(records, outputs, prompts, args.constrained)
         counts = run_stage(stage, records, outputs, stale, prompts[stage.name], generator, out_dir, args, rank,
                            world_size)
         barrier()
@@ -427,7 +427,7 @@ def distill(args, generator):
         return None
     write_report(data_dir, records, outputs, prompts, args.prompts)
     unfinished = {number: len(keys) for number, keys in
-                  behind(records, outputs, prompts, getattr(args, "constrained", False)).items() if keys}
+                  behind(records, outputs, prompts, args.constrained).items() if keys}
     if unfinished:
         print(f"no current answer yet for: {', '.join(f'stage {n} ({k} records)' for n, k in unfinished.items())}; "
               f"explanation_rationale.json not written (run --stages {','.join(map(str, unfinished))})")

@@ -108,10 +108,8 @@ def tokenizer_info(chat, vocab_size):
     """xgrammar's view of the model's vocabulary: a Hugging Face tokenizer, or Meta's tiktoken one (raw bytes)."""
     import xgrammar as xgr
     if hasattr(chat.tokenizer, "model") and hasattr(chat.tokenizer.model, "decode_single_token_bytes"):  # Meta's
-        enc, special = chat.tokenizer.model, chat.tokenizer.special_tokens
-        names = {i: name for name, i in special.items()}
-        vocab = [enc.decode_single_token_bytes(i) if i < enc.n_vocab - len(special) else names.get(i, "").encode()
-                 for i in range(enc.n_vocab)]
+        enc = chat.tokenizer.model   # tiktoken: special tokens decode to their own text too
+        vocab = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
         return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=list(chat.stop_ids))
     return xgr.TokenizerInfo.from_huggingface(chat.tokenizer, vocab_size=vocab_size, stop_token_ids=list(chat.stop_ids))
 

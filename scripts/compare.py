@@ -21,8 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset import read_json  # noqa: E402
-from metrics import hit, ndcg  # noqa: E402
-from repeat import paired_test, per_user  # noqa: E402
+from repeat import is_hsft, paired_test, per_user, user_scores  # noqa: E402
 from repeat import rows_of as result_rows  # noqa: E402  (scripts/repeat.py: the rows of a results file)
 from utils import UserError, report_user_errors  # noqa: E402
 
@@ -38,10 +37,8 @@ def figures(row, ranks=None, list_length=None):
     out = {}
     for m in METRICS:
         value = row.get(m, row.get(m.replace("HR@", "Recall@")))
-        kind, k = m.split("@")
-        if value is None and ranks and (list_length is None or int(k) <= list_length):
-            score = hit if kind == "HR" else ndcg
-            value = sum(score(None if r is None or r < 0 else r, int(k)) for r in ranks) / len(ranks)
+        if value is None and ranks and (list_length is None or int(m.split("@")[1]) <= list_length):
+            value = sum(user_scores(ranks, m)) / len(ranks)
         if value is not None:
             out[m] = float(value)
     return out
@@ -52,7 +49,7 @@ def model_row(path):
     r = read_json(path)
     if not isinstance(r, dict):
         raise UserError(f"{path}: not a results file")
-    hsft = "metrics" in r and "popularity" in r                                # hllm/main.py
+    hsft = is_hsft(r)
     if not hsft and (r.get("task") != "seq" or not isinstance(r.get("results"), dict)):
         raise UserError(f"{path}: neither a seq.py nor an hllm/main.py results file")
     if not hsft and r.get("protocol") != "clean":

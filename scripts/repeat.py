@@ -89,17 +89,21 @@ def parse_seeds(text):
 
 # ---------------------------------------------------------------------------------------------------- summary
 
+def is_hsft(r):
+    """A results file of hllm/main.py (its own layout: metrics per split, popularity beside them)."""
+    return isinstance(r, dict) and isinstance(r.get("metrics"), dict) and "popularity" in r
+
+
 def load(path):
     r = read_json(path)
-    hsft = isinstance(r, dict) and isinstance(r.get("metrics"), dict) and "popularity" in r   # hllm/main.py
-    if not isinstance(r, dict) or not (hsft or isinstance(r.get("results"), dict)):
+    if not isinstance(r, dict) or not (is_hsft(r) or isinstance(r.get("results"), dict)):
         raise UserError(f"{path}: not a results file of seq.py / topn.py / exp.py / hllm")
     return r
 
 
 def rows_of(r):
     """{row name: {metric: value}} of one results file (hllm: its test split)."""
-    if "metrics" in r and "popularity" in r:                      # hllm/main.py
+    if is_hsft(r):
         return {r.get("model", "HSFT"): r["metrics"]["test"], "most_popular": r["popularity"]["test"]}
     return {name: row for name, row in r["results"].items()
             if name not in NOT_ROWS and isinstance(row, dict) and all(isinstance(v, (int, float)) for v in row.values())}
@@ -154,13 +158,18 @@ def per_user(path, metric, rule=None):
         if rule not in known:
             raise UserError(f"{path}: no per-user ranks of {rule!r} (there are: {', '.join(known) or 'none'})")
         ranks = known[rule]
+    return dict(zip(r["user_ids"], user_scores(ranks, metric)))
+
+
+def user_scores(ranks, metric):
+    """Each user's HR@k / Recall@k / NDCG@k from their 0-based rank (None or -1: not in the list)."""
     try:
         kind, k = metric.split("@")
         score = {"HR": hit, "Recall": hit, "NDCG": ndcg}[kind]
         k = int(k)
     except (ValueError, KeyError):
         raise UserError(f"--metric {metric!r}: use HR@k, Recall@k or NDCG@k") from None
-    return {u: score(None if rank is None or rank < 0 else rank, k) for u, rank in zip(r["user_ids"], ranks)}
+    return [score(None if rank is None or rank < 0 else rank, k) for rank in ranks]
 
 
 def averaged(paths, metric, rule=None):
