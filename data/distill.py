@@ -30,7 +30,7 @@ from tqdm import tqdm
 import utils
 from dataset import DataError, read_json
 from data.quality import format_report, quality_report, report_path
-from data.stages import (PRODUCER, STAGES, fallback_fields, generation_budget, load_prompts, parse_answer,
+from data.stages import (PRODUCER, STAGES, constrained_wording, fallback_fields, generation_budget, load_prompts, parse_answer,
                          render_dialog, shape_grammar, PROMPTS_FILE)
 from llama.backends import GRAMMAR_FIELDS
 
@@ -45,8 +45,13 @@ def parse_args(argv=None, default_data_dir=None):
     p.add_argument("--ckpt_dir", default=None, help="model: HF folder or hub id, GGUF file, Meta Llama 3 folder "
                                                     "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer_path", default=None, help="tokenizer.model of a Meta Llama 3 folder")
-    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "openai"])
+    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "openai", "llamacpp"],
+                   help="transformers: in-process, batched; vllm: GPUs; openai: a server at --server_url; llamacpp: "
+                        "llama.cpp's server started here on the GGUF model with --max_batch_size parallel slots "
+                        "(scripts/setup_llamacpp.sh builds it)")
     p.add_argument("--server_url", default=None, help="OpenAI-compatible server, for --backend openai")
+    p.add_argument("--server_retries", type=int, default=4,
+                   help="openai/llamacpp: attempts after the first for a request that fails (back-off 1, 2, 4 ... s)")
     p.add_argument("--model_name", default=None, help="model name to ask the server for")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
@@ -393,8 +398,9 @@ def write_rationale(data_dir, records, sizes, extra, outputs):
     return path
 
 
-def distill(args, generator):
+def distill(args, generator, on_stage=None):
     """Run the selected stages over args.data_dir with `generator` (anything with Llama's chat_completion).
+    on_stage(stage, counts) is called after each stage (bench_llm.py times them).
     Returns the path of explanation_rationale.json, or None when not every stage is complete yet."""
     data_dir = Path(args.data_dir)
     out_dir = data_dir / "distill"
@@ -405,6 +411,8 @@ def distill(args, generator):
     # inputs of later stages come from earlier ones, so only the record's own fields are checked up front
     records, skipped = check_records(records, selected, source, args.skip_bad_records)
     prompts = load_prompts(args.prompts)
+    if args.constrained:
+        prompts = constrained_wording(prompts)
     order = list(records)
     if rank == 0:
         print(f"{source}: {len(records)} records ({', '.join(f'{s} {n}' for s, n in sizes.items())})"
@@ -422,6 +430,8 @@ def distill(args, generator):
         barrier()
         outputs[stage.number] = read_stage(out_dir, stage.number)
         print_summary(stage, counts, outputs[stage.number] if rank == 0 else None, order, rank, world_size)
+        if on_stage:
+            on_stage(stage, counts)
 
     if rank != 0:
         return None
@@ -467,10 +477,12 @@ def main(argv=None, default_data_dir=None):
         return show_report(args.report, args.prompts)
     utils.seed_everything(args.seed)
     from llama import Llama  # imported here so the pipeline itself can be used (and tested) without a model
+    server_kwargs = {"openai": {"grammar_field": args.grammar_field, "retries": args.server_retries},
+                     "llamacpp": {"retries": args.server_retries}}.get(args.backend, {})
     generator = Llama.build(ckpt_dir=args.ckpt_dir, tokenizer_path=args.tokenizer_path, max_seq_len=args.max_seq_len,
                             max_batch_size=args.max_batch_size, backend=args.backend, server_url=args.server_url,
                             model_name=args.model_name, seed=args.seed, dtype=args.dtype, device=args.device,
-                            **({"grammar_field": args.grammar_field} if args.backend == "openai" else {}))
+                            **server_kwargs)
     distill(args, generator)
 
 

@@ -227,14 +227,19 @@ def parse_explanation(text):
 
 # ----------------------------------------------------------------------------- answer shapes
 
-# a word: no space or control character, sentence end, quote, template bracket or markdown, and it does not start
-# with "xx" (the prompts' template placeholder is "xxx": small models copy it into the shape); the same classes are
-# valid GBNF and Python regex syntax, so the grammar and the parser agree character for character
-WORD_CHARS = r'[^\x00-\x20\x7f.!?"\[\]<>*_`]'
-NOT_X = r'[^\x00-\x20\x7f.!?"\[\]<>*_`xX]'
+# a word: no space (ASCII or Unicode: SmolLM2 glued words with no-break spaces to write past the word limit) or
+# control character, sentence end, quote, template bracket or markdown; a comma, semicolon or colon only at its end
+# (else "of,and,and,and" is one word); and it does not start with "xx" (the prompts' template placeholder is "xxx":
+# small models copy it into the shape). The same classes are valid GBNF and Python regex syntax, so the grammar and
+# the parser agree character for character.
+NOT_IN_WORD = r'\x00-\x20\x7f\x85\xa0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff.!?,;:"\[\]<>*_`'
+WORD_CHARS = f"[^{NOT_IN_WORD}]"
+NOT_X = f"[^{NOT_IN_WORD}xX]"
 MAX_WORD_CHARS = 24
-WORD_GBNF = f"{NOT_X} {WORD_CHARS}{{0,{MAX_WORD_CHARS - 1}}} | [xX] ({NOT_X} {WORD_CHARS}{{0,{MAX_WORD_CHARS - 2}}})?"
-WORD_REGEX = f"(?:{NOT_X}{WORD_CHARS}{{0,{MAX_WORD_CHARS - 1}}}|[xX](?:{NOT_X}{WORD_CHARS}{{0,{MAX_WORD_CHARS - 2}}})?)"
+WORD_GBNF = (f"({NOT_X} {WORD_CHARS}{{0,{MAX_WORD_CHARS - 1}}} | [xX] ({NOT_X} {WORD_CHARS}{{0,{MAX_WORD_CHARS - 2}}})?)"
+             f" [,;:]?")
+WORD_REGEX = (f"(?:{NOT_X}{WORD_CHARS}{{0,{MAX_WORD_CHARS - 1}}}|[xX](?:{NOT_X}{WORD_CHARS}{{0,{MAX_WORD_CHARS - 2}}})?)"
+              f"[,;:]?")
 
 
 @dataclass(frozen=True)
@@ -338,6 +343,7 @@ PRODUCER = {field: stage for stage in STAGES for field in stage.writes}  # which
 
 # why an answer was not used; "backend failure" is added by the pipeline when the LLM call itself raised
 EMPTY, REFUSAL_REASON, RESTATEMENT, UNPARSEABLE = "empty answer", "refusal", "restatement of the prompt", "unparseable answer"
+NO_CONTENT = "no content (in shape)"   # the shape is there, a field holds no word: "18", "a", "x"
 
 
 def load_prompts(path=PROMPTS_FILE):
@@ -356,6 +362,19 @@ def load_prompts(path=PROMPTS_FILE):
                 raise DataError(f"{path}: prompt '{stage.name}' ({role}) uses {sorted(unknown)}, but stage "
                                 f"{stage.number} reads only {list(stage.reads)}")
     return prompts
+
+
+TEMPLATE_SLOT = re.compile(r"\bxxx\b\.?")
+
+
+def constrained_wording(prompts):
+    """The prompts as constrained runs ask them: the template's placeholder `xxx` becomes `...`. Under a shape the
+    grammar writes each line's stem itself, and a small model copies a placeholder it is shown: with the paper's
+    `'1. The user prefers xxx.'` greedy SmolLM2-135M wrote `1. The user prefers x.` for 47 of 48 Gift_Cards records
+    (words starting with "xx" are outside the shape), with `'1. The user prefers ...'` for none."""
+    return {name: {role: TEMPLATE_SLOT.sub("...", text) if isinstance(text, str) else text
+                   for role, text in prompt.items()} if isinstance(prompt, dict) else prompt
+            for name, prompt in prompts.items()}
 
 
 def render_dialog(prompt, fields):
@@ -385,7 +404,9 @@ def parse_answer(stage, answer, dialog):
     if is_restatement(text, dialog):
         return None, RESTATEMENT
     fields = stage.parse(text) or parse_shaped(stage, answer)   # tidied by the stage's parser; in the shape, always read
-    return (fields, None) if fields else (None, UNPARSEABLE)
+    if fields:
+        return fields, None
+    return None, NO_CONTENT if shape_regex(stage).fullmatch(answer.strip()) else UNPARSEABLE
 
 
 def fallback_fields(stage, inputs):

@@ -11,6 +11,7 @@ OpenAI-compatible server through the request field it reads (`grammar_field`: ll
 import copy
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -161,6 +162,11 @@ class ServerError(UserError, RuntimeError):
     """An OpenAI-compatible server kept failing (after retries) or answered something unreadable."""
 
 
+class PromptRejected(ServerError, ValueError):
+    """The server refused this request (HTTP 400/413/422, e.g. a prompt longer than its context): a ValueError like
+    the in-process backends' prompt errors, so the caller can ask again without it."""
+
+
 def chat_url(server_url):
     url = server_url.rstrip("/")
     if url.endswith("/chat/completions"):
@@ -183,11 +189,16 @@ def grammar_request(field, grammar):
 
 class OpenAIBackend:
     RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+    REJECT_STATUS = {400, 413, 422}
 
     def __init__(self, server_url, model_name=None, seed=1, concurrency=6, timeout=120.0, retries=4, backoff=1.0,
-                 api_key=None, grammar_field="grammar"):
+                 api_key=None, grammar_field="grammar", server=None):
+        """server: the llama.server.LocalServer behind the URL, when this process started it (its exit is then
+        reported at once instead of being retried)."""
         grammar_request(grammar_field, "")  # checks the name now
-        self.grammar_field = grammar_field
+        self.grammar_field, self.server = grammar_field, server
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0}  # from the replies' usage, for throughput reports
+        self.stats_lock = threading.Lock()
         self.url = chat_url(server_url)
         self.seed, self.concurrency, self.timeout, self.retries, self.backoff = seed, concurrency, timeout, retries, backoff
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
@@ -217,6 +228,9 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError):
             return "default"
 
+    def server_gone(self):
+        return self.server is not None and self.server.process.poll() is not None
+
     def complete(self, dialog, temperature, top_p, max_gen_len, grammar=None):
         body = {"model": self.model_name, "messages": dialog, "temperature": temperature, "top_p": top_p,
                 "seed": self.seed, **grammar_request(self.grammar_field, grammar)}
@@ -224,12 +238,16 @@ class OpenAIBackend:
             body["max_tokens"] = max_gen_len
         last = None
         for attempt in range(self.retries + 1):
+            if self.server_gone():   # a local server that died will not come back: no retries
+                break
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 answer = self.post_or_get(self.url, body)
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}: {e.read()[:200].decode(errors='replace')}"
+                if e.code in self.REJECT_STATUS:
+                    raise PromptRejected(f"{self.url}: {last}") from e
                 if e.code not in self.RETRY_STATUS:
                     raise ServerError(f"{self.url}: {last}") from e
                 continue
@@ -237,9 +255,17 @@ class OpenAIBackend:
                 last = f"{type(e).__name__}: {e}"
                 continue
             try:
-                return answer["choices"][0]["message"]["content"] or ""
+                content = answer["choices"][0]["message"]["content"] or ""
             except (KeyError, IndexError, TypeError) as e:
                 raise ServerError(f"{self.url}: reply without choices[0].message.content: {str(answer)[:200]}") from e
+            usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+            with self.stats_lock:
+                self.stats["prompt_tokens"] += usage.get("prompt_tokens") or 0
+                self.stats["generated_tokens"] += usage.get("completion_tokens") or 0
+            return content
+        if self.server_gone():
+            raise ServerError(f"{self.url}: llama-server exited (code {self.server.process.returncode}; log "
+                              f"{self.server.log_path})")
         raise ServerError(f"{self.url}: failed after {self.retries + 1} attempts; last error: {last}")
 
     def generate(self, dialogs, temperature, top_p, max_gen_len, grammar=None):

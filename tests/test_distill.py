@@ -45,7 +45,8 @@ def test_corpus_covers_every_stage_and_reason():
         cases = [c for c in CORPUS["cases"] if c["stage"] == stage.number]
         assert sum("expect" in c for c in cases) >= 8 and sum("reject" in c for c in cases) >= 3
     reasons = {c["reject"] for c in CORPUS["cases"] if "reject" in c}
-    assert reasons == {"empty answer", "refusal", "restatement of the prompt", "unparseable answer"}
+    assert reasons == {"empty answer", "refusal", "restatement of the prompt", "unparseable answer",
+                       "no content (in shape)"}
 
 
 def test_prompt_using_a_field_the_stage_does_not_read_is_refused(tmp_path):
@@ -391,7 +392,7 @@ def tiny_llama(tmp_path_factory):
 def test_stages_chain_on_a_tiny_random_llama(tmp_path, tiny_llama, capsys):
     pytest.importorskip("llama")
     data_dir = make_dataset(tmp_path / "toys")
-    argv = ["--data_dir", str(data_dir), "--ckpt_dir", str(tiny_llama), "--limit", "2", "--max_gen_len", "96",
+    argv = ["--data_dir", str(data_dir), "--ckpt_dir", str(tiny_llama), "--limit", "2", "--max_gen_len", "96", "--max_seq_len", "1024",
             "--max_batch_size", "3", "--seed", "3"]
     distill.main(argv)
     merged = json.loads((data_dir / "explanation_rationale.json").read_text())
@@ -409,7 +410,8 @@ def test_stages_chain_on_a_tiny_random_llama(tmp_path, tiny_llama, capsys):
                 assert set(line["outputs"].values()) == {record[stage.fallback]}
             opening = stage.shape[0].prefix + stage.shape[0].stem
             # generated under the stage's grammar: a random model writes the shape's opening (never by chance), and
-            # the answer is in the shape unless the token limit (or max_seq_len, for long prompts) cut it
+            # the answer is in the shape unless the token limit cut it (max_seq_len 1024 leaves room for the noise
+            # that earlier stages feed into stage 4's prompt)
             assert line["raw"].startswith(opening) or opening.startswith(line["raw"]), line["raw"]
             in_shape += parse_shaped(stage, line["raw"]) is not None
     assert in_shape >= 6, "some answers end inside --max_gen_len and are exactly in their stage's shape"
@@ -456,7 +458,10 @@ def test_each_stage_shape_gives_its_grammar_and_its_parser():
         for answer, ok in [(shaped_answer(stage, lo), True), (longest, True), (too_long, False),
                            (shaped_answer(stage, lo) + " More.", False), (longest.replace("soft1", "so.ft"), False),
                            (longest.replace("soft1", "[adjective]"), False), (longest.replace(" soft1", "  soft1"), False),
-                           (longest.replace("soft1", "xxx"), False), (longest.replace("soft1", "xylo"), True)]:
+                           (longest.replace("soft1", "xxx"), False), (longest.replace("soft1", "xylo"), True),
+                           (longest.replace(" soft1", "\u00a0soft1"), False),      # a no-break space is a space
+                           (longest.replace(" soft1", "\u2028soft1"), False), (longest.replace("soft1", "sòft"), True),
+                           (longest.replace(" soft1 ", " soft1, "), True), (longest.replace(" soft1 ", " of,and,and "), False)]:
             assert grammar_accepts(grammar, answer) is ok and bool(regex.fullmatch(answer)) is ok, (stage.name, answer)
             if ok:
                 fields, reason = parse_answer(stage, answer, dialog)
@@ -483,7 +488,12 @@ def test_constrained_is_the_default_and_each_choice_keys_its_own_answers(tmp_pat
     capsys.readouterr()
     free = Fake()
     run(data_dir, free, "--no-constrained")      # the paper's free generation: asked again, not read from the file
-    assert set(free.grammars) == {None} and distinct(free.answered) == distinct(fake.answered)
+    assert set(free.grammars) == {None} and len(free.answered) == len(fake.answered)
+    # the paper's wording shows the placeholder xxx; under a shape the grammar writes the stems, and `...` is shown
+    template = [json.dumps(d) for d in free.answered if "xxx" in json.dumps(d)]
+    assert template and not any("xxx" in json.dumps(d) for d in fake.answered)
+    stage_1 = [t for t in template if "The user prefers xxx." in t]        # the later stages read other answers
+    assert stage_1 and {t.replace("xxx.", "...") for t in stage_1} <= set(distinct(fake.answered))
     assert "0 already done" in capsys.readouterr().out
     again = Fake()
     run(data_dir, again, "--no-constrained")

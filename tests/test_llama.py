@@ -3,6 +3,7 @@
 Fast tests use tiny random models written to tmp dirs; the real SmolLM2 runs are marked slow."""
 import base64
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama, ModelLoadError, ServerError, loaders
+from llama.backends import PromptRejected
 from llama.tokenizer import ChatFormat, Tokenizer
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
@@ -353,10 +355,19 @@ class StubServer:
                     action = stub.plan.pop(0) if stub.plan else None
                 if action == "slow":
                     time.sleep(0.6)
+                elif action == "garbage":                  # a proxy's error page, say
+                    data = b"<html>502 Bad Gateway</html>"
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
+                elif action == "no_choices":
+                    return self.reply(200, {"object": "error", "message": "model not loaded"})
                 elif action is not None:
                     return self.reply(action, {"error": "planned failure"})
                 content = "echo: " + body["messages"][-1]["content"]
-                self.reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
+                self.reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}],
+                                 "usage": {"prompt_tokens": 7, "completion_tokens": len(content.split())}})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -418,6 +429,27 @@ def test_server_backend_gives_up_with_clear_error(stub):
     assert len(stub.bodies) == 1
 
 
+def test_server_answering_garbage_is_an_error_naming_the_url(stub):
+    gen = Llama.build(backend="openai", server_url=stub.url, model_name="m", timeout=1, retries=1, backoff=0.01)
+    stub.plan = ["garbage", "garbage"]
+    with pytest.raises(ServerError, match=rf"^{re.escape(stub.url)}/chat/completions: failed after 2 attempts; "
+                                          rf"last error: JSONDecodeError"):
+        gen.chat_completion([[{"role": "user", "content": "hi"}]])
+    stub.plan = ["no_choices"]
+    with pytest.raises(ServerError, match=r"reply without choices\[0\].message.content: .*model not loaded"):
+        gen.chat_completion([[{"role": "user", "content": "hi"}]])
+
+
+def test_server_refusing_a_prompt_is_a_value_error_and_usage_is_counted(stub):
+    gen = Llama.build(backend="openai", server_url=stub.url, model_name="m", timeout=1, retries=2, backoff=0.01)
+    stub.plan = [400]          # e.g. llama.cpp: the prompt exceeds the slot's context
+    with pytest.raises(PromptRejected, match="HTTP 400") as refused:
+        gen.chat_completion([[{"role": "user", "content": "a very long prompt"}]])
+    assert isinstance(refused.value, ValueError) and len(stub.bodies) == 1   # not retried; distill isolates it
+    gen.chat_completion([[{"role": "user", "content": "one two"}], [{"role": "user", "content": "three"}]])
+    assert gen.backend.stats == {"prompt_tokens": 14, "generated_tokens": 3 + 2}
+
+
 def test_server_unreachable(tmp_path):
     with pytest.raises(ServerError, match=r"127.0.0.1:9/v1: cannot reach the server"):   # at once, not per batch
         Llama.build(backend="openai", server_url="http://127.0.0.1:9", model_name="m", timeout=0.5)
@@ -471,3 +503,24 @@ def test_smollm2_answers_a_short_chat(smol_cache):
                               temperature=0, max_gen_len=24)
     assert all(r["generation"]["content"].strip() for r in out)
     assert "Paris" in out[0]["generation"]["content"]
+
+
+# --- llama.cpp's server started here (the real one runs in test_llamacpp.py) -------------------------------------
+
+def test_llamacpp_backend_needs_a_gguf_and_the_server_binary(tiny, tmp_path, monkeypatch):
+    from llama import server
+    from utils import UserError
+    with pytest.raises(ModelLoadError, match="backend='llamacpp' serves GGUF files"):
+        Llama.build(ckpt_dir=str(tiny["hf"]), backend="llamacpp")
+    monkeypatch.setattr(server, "REPO_BINARY", tmp_path / "absent")
+    monkeypatch.delenv("LLAMA_SERVER", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UserError, match=r"llama-server not found: run `bash scripts/setup_llamacpp.sh`"):
+        server.find_binary()
+    broken = tmp_path / "llama-server"                # a server that cannot load the model
+    broken.write_text("#!/bin/sh\necho 'error: failed to load model'\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("LLAMA_SERVER", str(broken))
+    with pytest.raises(UserError, match=r"llama-server exited with code 1 while loading .*model.gguf[\s\S]*failed to "
+                                        r"load model"):
+        server.LocalServer(tmp_path / "model.gguf", parallel=2)
