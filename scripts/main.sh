@@ -9,7 +9,7 @@ REVIEWS=${REVIEWS:-../shared/data/amazon2018/Gift_Cards_5.json.gz}
 NAME=${NAME:-$(basename "$REVIEWS" | sed 's/_5\.json.*//; s/\.json.*//' | tr 'A-Z' 'a-z')}
 DATA=${DATA:-runs/$NAME}
 CKPT=${CKPT:-checkpoint/$NAME}
-LIMIT=${LIMIT:-8}            # records per split the LLM distils (0: all; SmolLM2 on 2 CPU cores: ~1 record/s a stage)
+LIMIT=${LIMIT:-8}            # records per split the LLM distils (0: all; SmolLM2 on 2 CPU cores, constrained: ~9 records/s a stage, all 736 Gift_Cards records in 6.5 min)
 MINUTES=${MINUTES:-12}       # training time budget
 BACKBONE=${BACKBONE:-mini}   # tiny | mini | small (from scratch), or a pretrained T5 name/folder
 K=${K:-5}                    # k-core of prepare (All_Beauty_5 needs 3 once review copies across variants are dropped)
@@ -18,7 +18,7 @@ PY=${PYTHON:-python3}
 
 [ -f "$DATA/sequential.txt" ] || $PY data/prepare.py --reviews "$REVIEWS" --out "$DATA" --k "$K" --skip_bad --seed "$SEED"
 limit=(); [ "$LIMIT" = 0 ] || limit=(--limit "$LIMIT")
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY data/distill.py --data_dir "$DATA" "${limit[@]}" --greedy --max_batch_size 16 \
+$PY data/distill.py --data_dir "$DATA" "${limit[@]}" --greedy --max_batch_size 16 \
     --seed "$SEED"
 $PY pretrain.py --data_dir "$DATA" --checkpoint "$CKPT" --backbone "$BACKBONE" --item_ids random --ratio 1:1:1:3 \
     --batch_size 32 --max_minutes "$MINUTES" --val_every 20 --seed "$SEED"
