@@ -30,8 +30,8 @@ from tqdm import tqdm
 import utils
 from dataset import DataError, read_json
 from data.quality import format_report, quality_report, report_path
-from data.stages import (PRODUCER, STAGES, constrained_wording, fallback_fields, generation_budget, load_prompts, parse_answer,
-                         render_dialog, shape_grammar, PROMPTS_FILE)
+from data.stages import (PRODUCER, STAGES, constrained_wording, fallback_fields, generation_budget, load_prompts,
+                         parse_answer, render_dialog, shape_grammar, PROMPTS_FILE)
 from llama.backends import GRAMMAR_FIELDS
 
 BACKEND_FAILURE = "backend failure"

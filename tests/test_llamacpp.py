@@ -4,8 +4,8 @@ grammar field), requests decoded in parallel slots; the server killed mid-stage 
 and repeats no record."""
 import json
 import signal
-import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,8 +27,16 @@ def stage_lines(data_dir, number):
 
 
 def servers_running():
-    out = subprocess.run(["pgrep", "-f", "llama-server.*SmolLM2"], capture_output=True, text=True).stdout
-    return set(out.split())
+    """Process ids of llama-server processes serving the default model."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:          # the process ended meanwhile
+            continue
+        if argv[0].endswith(b"llama-server") and any(b"SmolLM2" in a for a in argv):
+            found.add(cmdline.parent.name)
+    return found
 
 
 def test_pipeline_through_llamacpp_backend_every_answer_in_shape(tmp_path, python, script_env):
