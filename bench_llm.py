@@ -11,6 +11,7 @@ generated tokens/s, fallbacks; then the speed-up over one-at-a-time and each pat
     python bench_llm.py --paths batched,llamacpp --no-constrained     # the paper's free generation
 """
 import argparse
+import contextlib
 import random
 import shutil
 import tempfile
@@ -127,8 +128,8 @@ def run(path, work):
         print(f"  {path:9s} stage {stage.number}: {seconds:6.1f} s  {stages[-1]['records_per_s']:6.2f} records/s  "
               f"{stages[-1]['tokens_per_s']:7.1f} tokens/s  fallbacks {stages[-1]['fallbacks']}", flush=True)
 
-    server = getattr(impl, "server", None)
-    with PeakRSS() as mine, PeakRSS(server.process.pid if server else "self") as theirs:
+    server = getattr(impl, "server", None)   # llamacpp: the server process holds the model
+    with PeakRSS() as mine, PeakRSS(server.process.pid) if server else contextlib.nullcontext() as theirs:
         distill.distill(distill.parse_args(argv), generator, on_stage=on_stage)
     if server:
         server.close()
