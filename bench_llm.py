@@ -11,7 +11,6 @@ generated tokens/s, fallbacks; then the speed-up over one-at-a-time and each pat
     python bench_llm.py --paths batched,llamacpp --no-constrained     # the paper's free generation
 """
 import argparse
-import contextlib
 import random
 import shutil
 import tempfile
@@ -85,10 +84,11 @@ class PeakRSS:
         self.thread.join()
 
 
-def rss_mib(pid="self"):
+def rss_mib(pid="self", field="VmRSS"):
+    """Resident memory now (VmRSS), or the highest so far (VmHWM), of a process."""
     try:
         for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except FileNotFoundError:
         pass
@@ -128,9 +128,10 @@ def run(path, work):
         print(f"  {path:9s} stage {stage.number}: {seconds:6.1f} s  {stages[-1]['records_per_s']:6.2f} records/s  "
               f"{stages[-1]['tokens_per_s']:7.1f} tokens/s  fallbacks {stages[-1]['fallbacks']}", flush=True)
 
-    server = getattr(impl, "server", None)   # llamacpp: the server process holds the model
-    with PeakRSS() as mine, PeakRSS(server.process.pid) if server else contextlib.nullcontext() as theirs:
+    with PeakRSS() as mine:
         distill.distill(distill.parse_args(argv), generator, on_stage=on_stage)
+    server = getattr(impl, "server", None)   # llamacpp: the model lives in the server process, started for this path
+    server_peak = rss_mib(server.process.pid, "VmHWM") if server else 0.0
     if server:
         server.close()
     answers = {(n, *key): line["raw"] for n in range(1, 6)
@@ -139,7 +140,7 @@ def run(path, work):
     tokens = sum(s["generated_tokens"] for s in stages)
     return {"path": path, "batch": batch, "load_seconds": load_s, "seconds": seconds, "generated_tokens": tokens,
             "tokens_per_s": tokens / seconds, "records_per_s": len(sample) * len(stages) / seconds,
-            "peak_rss_mib": mine.peak + (theirs.peak if server else 0.0), "stages": stages, "answers": answers}
+            "peak_rss_mib": mine.peak + server_peak, "stages": stages, "answers": answers}
 
 
 work = Path(tempfile.mkdtemp(prefix="bench_llm-"))

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from data import distill
 from dataset import DataError
+from llama.server import free_port
 from utils import UserError
 from data.stages import (STAGES, generation_budget, load_prompts, parse_answer, parse_shaped, render_dialog,
                          shape_grammar, shape_regex, word_budget)
@@ -246,12 +246,6 @@ def test_merge_of_rank_shards(tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == ["stage4.jsonl"]
     merged = [json.loads(row) for row in (out_dir / "stage4.jsonl").read_text().splitlines()]
     assert [(tuple(m["key"]), m["raw"]) for m in merged] == [(("train", 0), "a"), (("train", 1), "b"), (("test", 0), "d")]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_style_sharding_matches_one_process(tmp_path):
