@@ -1,8 +1,14 @@
-"""Loading and validating a P5-style dataset dir: sequential.txt, datamaps.json, negative.txt, explanation.json.
+"""Loading and validating a P5-style dataset dir, and reading interaction logs (CSV / RecBole .inter).
+
+A dataset dir needs only sequential.txt. datamaps.json (our ids -> original ids) is optional: without it ids stand
+for themselves. negative.txt is read (or drawn and written once) only for top-N evaluation. explanation.json or
+explanation_rationale.json, when present, hold the review records.
 
 Leave-one-out split: for a user's sequence s, s[-1] is the test item, s[-2] the validation item, s[:-2] training.
 """
+import csv
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +82,71 @@ def read_yaml(path):
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a mapping of names to values, found {type(data).__name__}")
     return data
+
+
+# the columns of an interaction log, and the header names each may go by
+INTERACTION_COLUMNS = {"user": ("user", "user_id"), "item": ("item", "item_id"), "timestamp": ("timestamp",)}
+
+
+def _interaction_columns(where, header):
+    """{column: index} from the header row at `where` (FILE:LINE); RecBole's `name:type` suffixes are dropped."""
+    names = [h.split(":")[0].strip().lower() for h in header]
+    cols = {}
+    for column, aliases in INTERACTION_COLUMNS.items():
+        found = [n for n in names if n in aliases]
+        if not found:
+            raise DataError(f"{where}: header has no {' or '.join(map(repr, aliases))} column "
+                            f"(expected user,item,timestamp in any order)")
+        if len(found) > 1:
+            raise DataError(f"{where}: header names the {column} twice ({', '.join(found)})")
+        cols[column] = names.index(found[0])
+    return cols
+
+
+def read_interactions(path):
+    """(line number, user, item, timestamp) for every row of an interaction log: a CSV file with a header naming
+    user, item and timestamp (user_id / item_id also do; any order, other columns ignored), or a RecBole atomic
+    .inter file (tab-separated, header like user_id:token). Users and items stay strings; timestamps are floats."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    # .inter files are plain tab-separated text: a quote is part of a value there
+    dialect = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".inter" else dict(delimiter=",")
+    with open(path, "rb") as f:
+        rows = csv.reader(_utf8_lines(path, f), **dialect)
+        try:
+            header = next((row for row in rows if any(x.strip() for x in row)), None)
+            if header is None:
+                raise DataError(f"{path}: empty file (expected a header row naming user, item and timestamp)")
+            cols = _interaction_columns(f"{path}:{rows.line_num}", header)
+            for row in rows:
+                lineno = rows.line_num
+                if not any(x.strip() for x in row):
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{lineno}: {len(row)} columns, the header has {len(header)}")
+                user, item, when = (row[cols[c]].strip() for c in ("user", "item", "timestamp"))
+                for column, value in (("user", user), ("item", item), ("timestamp", when)):
+                    if not value:
+                        raise DataError(f"{path}:{lineno}: empty {column}")
+                try:
+                    ts = float(when)
+                except ValueError:
+                    ts = math.nan
+                if not math.isfinite(ts):  # nan or inf would scramble the time order
+                    raise DataError(f"{path}:{lineno}: timestamp {when!r} is not a number")
+                yield lineno, user, item, ts
+        except csv.Error as e:
+            raise DataError(f"{path}:{rows.line_num}: {e}") from None
+
+
+def _utf8_lines(path, f):
+    """Decoded lines of a binary file; a bad byte names its line (a BOM, as spreadsheets write, is dropped)."""
+    for lineno, raw in enumerate(f, 1):
+        try:
+            yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
 
 
 def load_sequences(path, id2user=None, id2item=None):
@@ -229,28 +300,27 @@ class Dataset:
         return self.sequences[user][-1]
 
 
-def load_dataset(data_dir, negatives_seed=2022, log=print):
-    """Load and validate a dataset dir. When negative.txt is missing it is generated once (seeded) and written
-    beside the data."""
+def load_dataset(data_dir, negatives_seed=2022, log=print, negatives=True):
+    """Load and validate a dataset dir. With negatives=True (top-N evaluation) negative.txt is read; when it is
+    missing it is drawn once (seeded) and written beside the data. With negatives=False it is neither read nor
+    written, so read-only dirs load as they are."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such dataset folder (it needs sequential.txt and datamaps.json)")
+        raise DataError(f"{data_dir}: no such dataset folder (it needs sequential.txt)")
     seq_path, maps_path, neg_path = data_dir / "sequential.txt", data_dir / "datamaps.json", data_dir / "negative.txt"
-    id2user, id2item = load_datamaps(maps_path)
-    sequences = load_sequences(seq_path, id2user, id2item)
-    num_items = max(id2item)
-    if not neg_path.exists():
-        # a small catalogue cannot give every user 99 unbought items: then all users get as many as the worst-off can
-        n = negatives_per_user(sequences, num_items)
-        if n < 1:
-            raise DataError(f"{data_dir}: some user bought every item; no negatives can be drawn")
-        log(f"{neg_path} is missing: drawing {n} negatives per user with seed {negatives_seed} "
-            "and writing it (it will be reused from now on)")
-        if n < NUM_NEGATIVES:
-            log(f"warning: only {num_items} items, so top-N ranks among {n + 1} candidates, not the paper's 100")
-        write_negatives(neg_path, generate_negatives(sequences, num_items, n=n, seed=negatives_seed))
-    negatives = load_negatives(neg_path, sequences, num_items)
-    hashes = {p.name: file_sha256(p) for p in (seq_path, maps_path, neg_path)}
+    if maps_path.exists():
+        id2user, id2item = load_datamaps(maps_path)
+        sequences = load_sequences(seq_path, id2user, id2item)
+        num_items = max(id2item)
+    else:  # no datamaps: ids stand for themselves
+        sequences = load_sequences(seq_path)
+        num_items = max(i for s in sequences.values() for i in s)
+        id2user, id2item = {u: str(u) for u in sequences}, {i: str(i) for i in range(1, num_items + 1)}
+    hashes = {p.name: file_sha256(p) for p in (seq_path, maps_path) if p.exists()}
+    test_negatives = {}
+    if negatives:
+        test_negatives = read_or_draw_negatives(neg_path, sequences, num_items, negatives_seed, log)
+        hashes[neg_path.name] = file_sha256(neg_path)
     records, records_path = None, None
     for name in TEXT_FILES:
         if (data_dir / name).exists():
@@ -258,8 +328,23 @@ def load_dataset(data_dir, negatives_seed=2022, log=print):
             records = group_records(load_explanations(records_path), sequences, num_items, records_path)
             hashes[name] = file_sha256(records_path)
             break
-    return Dataset(data_dir, sequences, num_items, negatives, id2user, id2item, None, hashes, records,
+    return Dataset(data_dir, sequences, num_items, test_negatives, id2user, id2item, None, hashes, records,
                    records_path and records_path.name)
+
+
+def read_or_draw_negatives(path, sequences, num_items, seed, log=print):
+    """negative.txt, drawn (seeded) and written first when it is missing."""
+    if not path.exists():
+        # a small catalogue cannot give every user 99 unbought items: then all users get as many as the worst-off can
+        n = negatives_per_user(sequences, num_items)
+        if n < 1:
+            raise DataError(f"{path.parent}: some user bought every item; no negatives can be drawn")
+        log(f"{path} is missing: drawing {n} negatives per user with seed {seed} "
+            "and writing it (it will be reused from now on)")
+        if n < NUM_NEGATIVES:
+            log(f"warning: only {num_items} items, so top-N ranks among {n + 1} candidates, not the paper's 100")
+        write_negatives(path, generate_negatives(sequences, num_items, n=n, seed=seed))
+    return load_negatives(path, sequences, num_items)
 
 
 # the distilled file wins over the plain one: it holds the same records plus the LLM's rationales

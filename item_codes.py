@@ -18,6 +18,7 @@ files) is the random permutation, so no rule can read the published order either
 import numpy as np
 
 from dataset import DataError, random_item_permutation
+from item_text import item_texts
 from utils import UserError
 
 SCHEMES = ("published", "random", "sequential", "collaborative", "semantic")
@@ -117,7 +118,6 @@ def item_codes(scheme, ds, branching=(64, 64), seed=1, log=print):
     if scheme == "collaborative":
         vectors = collaborative_vectors(ds, seed=seed)
     elif scheme == "semantic":
-        from hllm.data import item_texts
         texts, source, missing = item_texts(ds, "auto", log=log)
         log(f"semantic codes from {source} text ({missing} of {ds.num_items} items without text: they share a "
             f"code prefix)")

@@ -1,6 +1,7 @@
-"""Raw Amazon review dump -> dataset dir in the published P5 format.
+"""Raw Amazon review dump (or an interaction log) -> dataset dir in the published P5 format.
 
     python data/prepare.py --reviews ../shared/data/amazon2018/All_Beauty_5.json.gz --out data/all_beauty
+    python data/prepare.py --interactions ml-1m.inter --out data/ml-1m      # an interaction log, no review text
 
 Input: an Amazon 5-core review file (2014 or 2018), one review a line, plain or gzip (detected from the bytes).
 Lines are JSON; the 2014 "strict" dumps of some categories are Python dict literals, read with ast.literal_eval.
@@ -29,6 +30,12 @@ What it does, in two streaming passes over the file (memory grows with users, it
    (second last) -> val, the rest -> train, so no test review is seen in training. --split random: seeded 8:1:1.
 6. explanation.json {"train", "val", "test"} and prepare_summary.json (config, input sha256, counts).
 All files are written atomically.
+
+--interactions FILE instead of --reviews: an interaction log, either a CSV file whose header names user, item and
+timestamp (user_id / item_id also do; any order; other columns ignored) or a RecBole atomic .inter file
+(tab-separated, header like user_id:token item_id:token timestamp:float). Steps 1-4 as above (a repeated pair keeps
+its earliest row; a bad row stops the run with its line number), then prepare_summary.json; no explanation.json,
+since there is no text.
 """
 import argparse
 import ast
@@ -45,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from dataset import NUM_NEGATIVES, DataError, generate_negatives, random_item_permutation, write_negatives
+from dataset import (NUM_NEGATIVES, DataError, generate_negatives, random_item_permutation, read_interactions,
+                     write_negatives)
 from utils import atomic_write_json, atomic_write_text, file_sha256, progress_bar, report_user_errors
 
 BAD_KINDS = ("not_json", "missing_id", "missing_text", "empty_review", "missing_time")
@@ -56,8 +64,11 @@ CACHE_SIZE = 50_000  # identical review texts (common in 2018 dumps) are analyse
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reviews", required=True, help="review file: JSON lines, plain or .gz")
-    p.add_argument("--out", default=None, help="dataset dir (default: data/<name of the review file>)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--reviews", help="review file: JSON lines, plain or .gz")
+    source.add_argument("--interactions", help="interaction log instead: CSV with a user,item,timestamp header, or a "
+                                               "RecBole .inter file (no explanation.json is written)")
+    p.add_argument("--out", default=None, help="dataset dir (default: data/<name of the input file>)")
     p.add_argument("--k", type=int, default=5, help="k-core: keep users and items with at least k interactions")
     p.add_argument("--item_ids", choices=["first", "random"], default="first",
                    help="first: order of first appearance, as published; random: seeded permutation")
@@ -73,8 +84,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.k < 3:
         p.error("--k must be at least 3: leave-one-out needs a training, a validation and a test item per user")
+    if args.interactions and args.skip_bad:
+        p.error("--skip_bad applies to --reviews only: a bad row of --interactions always stops the run")
     if args.out is None:
-        args.out = str(Path(__file__).resolve().parent / dataset_name(args.reviews))
+        args.out = str(Path(__file__).resolve().parent / dataset_name(args.reviews or args.interactions))
     return args
 
 
@@ -132,6 +145,14 @@ def copy_key(review):
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
+def keep_earliest(first, user_first_line, user, item, when):
+    """Record one interaction at `when` = (time, line): a (user, item) pair keeps its earliest; True for a repeat."""
+    repeat = (user, item) in first
+    first[user, item] = min(first[user, item], when) if repeat else when
+    user_first_line.setdefault(user, when[1])
+    return repeat
+
+
 def scan(path, keep_variant_copies=False):
     """Pass 1: earliest (time, line) of each (user, item), first line of each user, bad lines, counts."""
     first = {}             # (user, item) -> (time, line)
@@ -154,15 +175,21 @@ def scan(path, keep_variant_copies=False):
             if original != item:
                 variant_copies += 1  # the same review again, on another variant: dropped
                 continue
-        key, when = (user, item), (review["unixReviewTime"], lineno)
-        if key in first:
-            duplicates += 1
-            first[key] = min(first[key], when)
-        else:
-            first[key] = when
-        user_first_line.setdefault(user, lineno)
+        duplicates += keep_earliest(first, user_first_line, user, item, (review["unixReviewTime"], lineno))
     counts = {"lines": lines, "valid_reviews": reviews, "duplicate_pairs": duplicates, "variant_copies": variant_copies}
     return first, user_first_line, dict(bad), counts
+
+
+def scan_interactions(path):
+    """Pass 1 for an interaction log: what `scan` returns for reviews, less the bad lines (a bad row is an error)."""
+    first, user_first_line = {}, {}
+    rows = duplicates = 0
+    for lineno, user, item, t in read_interactions(path):
+        rows += 1
+        duplicates += keep_earliest(first, user_first_line, sys.intern(user), sys.intern(item), (t, lineno))
+    if not first:
+        raise DataError(f"{path}: no interactions (only a header)")
+    return first, user_first_line, {"rows": rows, "duplicate_pairs": duplicates}
 
 
 def bad_report(path, bad):
@@ -187,6 +214,16 @@ def k_core(pairs, k):
         pairs = kept
 
 
+def core_and_number(path, first, user_first_line, args):
+    """k-core, then ids -> (counts before the k-core, k-core passes, user2id, item2id, sequences)."""
+    before = {"users": len(user_first_line), "items": len({item for _, item in first}), "interactions": len(first)}
+    kept, iterations = k_core(first, args.k)
+    if not kept:
+        raise DataError(f"{path}: nothing is left after the {args.k}-core filter ({len(first)} user-item pairs, "
+                        f"{len(user_first_line)} users before it); try a smaller --k")
+    return before, iterations, *number(first, kept, user_first_line, args.item_ids, args.seed)
+
+
 def number(first, kept, user_first_line, item_ids, seed):
     """-> (user2id, item2id, sequences {uid: [(time, line, item id)]} in time order)."""
     by_user = defaultdict(list)
@@ -205,6 +242,32 @@ def number(first, kept, user_first_line, item_ids, seed):
         item2id = {item: perm[iid] for item, iid in item2id.items()}
         sequences = {u: [(t, line, perm[iid]) for t, line, iid in s] for u, s in sequences.items()}
     return user2id, item2id, sequences
+
+
+# ----------------------------------------------------------------------------- the dataset files
+
+
+def write_dataset(out, user2id, item2id, sequences, seed, log=print):
+    """sequential.txt, datamaps.json and negative.txt (when the catalogue allows 99 per user) -> a note on the
+    negatives for the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "sequential.txt", "".join(
+        " ".join(map(str, [uid] + [iid for _, _, iid in events])) + "\n" for uid, events in sequences.items()))
+    id2user = {str(uid): user for user, uid in user2id.items()}
+    id2item = {str(iid): item for item, iid in sorted(item2id.items(), key=lambda kv: kv[1])}
+    atomic_write_json(out / "datamaps.json", {
+        "id2user": id2user, "id2item": id2item,
+        "user2id": {user: uid for uid, user in id2user.items()},
+        "item2id": {item: iid for iid, item in id2item.items()}})
+
+    item_lists = {uid: [iid for _, _, iid in events] for uid, events in sequences.items()}
+    try:
+        write_negatives(out / "negative.txt", generate_negatives(item_lists, len(item2id), seed=seed))
+        return f"{NUM_NEGATIVES} per user, seed {seed}"
+    except DataError as e:  # too few items: leave no stale file behind
+        (out / "negative.txt").unlink(missing_ok=True)
+        log(f"warning: negative.txt not written: {e}")
+        return f"not written: {e}"
 
 
 # ----------------------------------------------------------------------------- explanation records
@@ -271,7 +334,8 @@ def split_records(records, sequences, how, seed):
 
 def prepare(args, selector=None, log=print):
     """Run every step; returns the summary. `selector` (a data.features.FeatureSelector) may be passed to reuse one."""
-
+    if args.interactions:
+        return prepare_interactions(args, log)
     start = time.time()
     path, out = Path(args.reviews), Path(args.out)
     if not path.is_file():
@@ -283,32 +347,9 @@ def prepare(args, selector=None, log=print):
         log(bad_report(path, bad) + " (skipped: --skip_bad)")
     if not first:
         raise DataError(f"{path}: no valid reviews")
-    before = {"users": len(user_first_line), "items": len({item for _, item in first}), "interactions": len(first)}
-    kept, iterations = k_core(first, args.k)
-    if not kept:
-        raise DataError(f"{path}: nothing is left after the {args.k}-core filter ({len(first)} user-item pairs, "
-                        f"{len(user_first_line)} users before it); try a smaller --k")
-    user2id, item2id, sequences = number(first, kept, user_first_line, args.item_ids, args.seed)
+    before, iterations, user2id, item2id, sequences = core_and_number(path, first, user_first_line, args)
     del first, user_first_line
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "sequential.txt", "".join(
-        " ".join(map(str, [uid] + [iid for _, _, iid in events])) + "\n" for uid, events in sequences.items()))
-    id2user = {str(uid): user for user, uid in user2id.items()}
-    id2item = {str(iid): item for item, iid in sorted(item2id.items(), key=lambda kv: kv[1])}
-    atomic_write_json(out / "datamaps.json", {
-        "id2user": id2user, "id2item": id2item,
-        "user2id": {user: uid for uid, user in id2user.items()},
-        "item2id": {item: iid for iid, item in id2item.items()}})
-
-    item_lists = {uid: [iid for _, _, iid in events] for uid, events in sequences.items()}
-    try:
-        write_negatives(out / "negative.txt", generate_negatives(item_lists, len(item2id), seed=args.seed))
-        negatives = f"{NUM_NEGATIVES} per user, seed {args.seed}"
-    except DataError as e:  # too few items: leave no stale file behind
-        (out / "negative.txt").unlink(missing_ok=True)
-        negatives = f"not written: {e}"
-        log(f"warning: negative.txt {negatives}")
+    negatives = write_dataset(out, user2id, item2id, sequences, args.seed, log)
 
     wanted = {line: (uid, iid) for uid, events in sequences.items() for _, line, iid in events}
     if selector is None:
@@ -320,7 +361,7 @@ def prepare(args, selector=None, log=print):
 
     summary = {
         "input": {"path": str(path), "sha256": file_sha256(path)},
-        "config": {k: v for k, v in vars(args).items() if k not in ("reviews", "out")}
+        "config": {k: v for k, v in vars(args).items() if k not in ("reviews", "interactions", "out")}
         | {"spacy_model": selector.model_name},
         "lines": counts["lines"],
         "valid_reviews": counts["valid_reviews"],
@@ -343,9 +384,40 @@ def prepare(args, selector=None, log=print):
     return summary
 
 
+def prepare_interactions(args, log=print):
+    """--interactions: the dataset files from an interaction log (no text, so no explanation.json); the summary."""
+    start = time.time()
+    path, out = Path(args.interactions), Path(args.out)
+    first, user_first_line, counts = scan_interactions(path)
+    before, iterations, user2id, item2id, sequences = core_and_number(path, first, user_first_line, args)
+    negatives = write_dataset(out, user2id, item2id, sequences, args.seed, log)
+    summary = {
+        "input": {"path": str(path), "sha256": file_sha256(path)},
+        "config": {k: getattr(args, k) for k in ("k", "item_ids", "seed")},
+        "rows": counts["rows"],
+        "duplicate_user_item_rows": counts["duplicate_pairs"],
+        "before_k_core": before,
+        "k_core": {"k": args.k, "iterations": iterations},
+        "users": len(user2id),
+        "items": len(item2id),
+        "interactions": sum(map(len, sequences.values())),
+        "negatives": negatives,
+        "run": {"seconds": round(time.time() - start, 1)},
+    }
+    atomic_write_json(out / "prepare_summary.json", summary)
+    return summary
+
+
 def main(argv=None):
     args = parse_args(argv)
     summary = prepare(args)
+    if args.interactions:
+        print(f"{args.interactions} -> {args.out}\n"
+              f"  rows {summary['rows']}, repeated user-item rows {summary['duplicate_user_item_rows']}\n"
+              f"  {args.k}-core ({summary['k_core']['iterations']} passes): users {summary['users']}, "
+              f"items {summary['items']}, interactions {summary['interactions']}\n"
+              f"  negatives: {summary['negatives']}")
+        return
     bad = summary["bad_lines"]
     print(f"{args.reviews} -> {args.out}\n"
           f"  lines {summary['lines']}, valid reviews {summary['valid_reviews']}, "

@@ -23,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch
 
 from dataset import Dataset
-from hllm.data import TEXT_SOURCES, item_texts, load_interactions
+from hllm.data import load_interactions
 from hllm.evaluate import evaluate_model, pad_right
 from hllm.main import length_bucketed_batches
 from hllm.item_caching import embed_texts, load_item_cache
 from hllm.llm import load_base_model, load_tokenizer
 from hllm.model import build_user_llm, trainable_parameters
+from item_text import TEXT_SOURCES, item_texts
 from utils import bf16_supported, pick_device, report_user_errors, seed_everything
 
 WORDS = "soft red blue cream lotion shampoo hair skin nice cheap smell great face oil dry gentle".split()

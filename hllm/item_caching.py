@@ -28,8 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dataset import DataError
-from hllm.data import TEXT_SOURCES, item_texts, load_interactions
+from hllm.data import load_interactions
 from hllm.llm import load_base_model, load_tokenizer
+from item_text import TEXT_SOURCES, item_texts
 from utils import bf16_supported, pick_device, progress_bar, report_user_errors, seed_everything
 
 FORMAT = "hdrec-hllm-item-cache/1"

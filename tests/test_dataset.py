@@ -131,11 +131,34 @@ def test_sequential_empty_and_missing(tmp_path):
     assert_error(e, path, None, "not found")
 
 
-def test_missing_datamaps(tmp_path):
-    write_seq(tmp_path, *GOOD)
-    with pytest.raises(DataError) as e:
-        load_dataset(tmp_path, log=quiet)
-    assert_error(e, tmp_path / "datamaps.json", None, "not found")
+def test_without_datamaps_ids_stand_for_themselves(tmp_path):
+    path = write_seq(tmp_path, "3 2 9 4", "5 1 2 3")       # items 5..8 are never bought, 9 is the largest
+    logged = []
+    ds = load_dataset(tmp_path, log=logged.append, negatives=False)
+    assert ds.sequences == {3: [2, 9, 4], 5: [1, 2, 3]} and ds.num_items == 9
+    assert ds.id2user == {3: "3", 5: "5"} and ds.id2item == {i: str(i) for i in range(1, 10)}
+    assert ds.negatives == {} and logged == [] and not (tmp_path / "negative.txt").exists()
+    assert ds.hashes == {"sequential.txt": file_sha256(path)}
+    # top-N: negatives are drawn from 1..9, the never-bought 5..8 included, and their file is hashed too
+    ds = load_dataset(tmp_path, log=quiet)
+    assert {u: len(n) for u, n in ds.negatives.items()} == {3: 6, 5: 6}
+    assert set(ds.negatives[3]) == {1, 3, 5, 6, 7, 8} and set(ds.negatives[5]) == {4, 5, 6, 7, 8, 9}
+    assert set(ds.hashes) == {"sequential.txt", "negative.txt"}
+
+
+def test_without_negatives_a_read_only_dir_loads_as_it_is(tmp_path):
+    """The shared beauty split has no negative.txt: with negatives=False nothing is drawn or written."""
+    before = sorted(p.name for p in BEAUTY.iterdir())
+    logged = []
+    ds = load_dataset(BEAUTY, log=logged.append, negatives=False)
+    assert sorted(p.name for p in BEAUTY.iterdir()) == before and logged == []
+    assert len(ds.sequences) == 22363 and ds.num_items == 12101 and ds.negatives == {}
+    assert ds.hashes == {name: file_sha256(BEAUTY / name) for name in ("sequential.txt", "datamaps.json")}
+    # renumbering works without negatives
+    perm = random_item_permutation(ds.num_items, seed=5)
+    renumbered = renumber_items(ds, perm)
+    assert renumbered.negatives == {} and renumbered.sequences[1] == [perm[i] for i in ds.sequences[1]]
+    assert renumbered.id2item[perm[1]] == ds.id2item[1]
 
 
 def test_load_sequences_without_datamaps_accepts_any_ids(tmp_path):

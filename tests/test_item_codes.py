@@ -9,8 +9,8 @@ import pytest
 
 import tasks
 from dataset import DataError, Dataset
+from item_text import item_texts, read_titles
 from utils import UserError
-from hllm.data import item_texts, read_titles
 from item_codes import (code_tokens, hierarchical_codes, item_codes, item_map_for, parse_branching,
                         sequential_item_map)
 

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -11,7 +12,7 @@ import pytest
 
 from data.features import FeatureSelector
 from data.prepare import k_core, parse_args, prepare, split_records
-from dataset import DataError, load_dataset, load_explanations
+from dataset import DataError, load_dataset, load_explanations, read_interactions
 
 ROOT = Path(__file__).resolve().parents[1]
 AMAZON = ROOT.parent / "shared" / "data" / "amazon2018"
@@ -369,3 +370,143 @@ def test_gift_cards_variant_copy_counts(full, slice_run, selector, tmp_path):
     assert (sliced["users"], sliced["items"], sliced["interactions"]) == (210, 52, 842)
     kept = run(selector, slice_run[1]["plain"], tmp_path / "keep", "--skip_bad", "--k", "3", "--keep_variant_copies")
     assert kept["variant_copies_dropped"] == 0 and kept["interactions"] > sliced["interactions"]
+
+
+# ----------------------------------------------------------------------------- --interactions
+
+
+BEAUTY = ROOT.parent / "shared" / "data" / "p5" / "beauty"
+
+
+def run_interactions(log_file, out, *flags):
+    args = parse_args(["--interactions", str(log_file), "--out", str(out), *flags])
+    return prepare(args, log=lambda *a: None)
+
+
+def gift_card_rows():
+    """(user, item, time) of the Gift_Cards reviews that --reviews keeps (text present, no variant copies), in
+    file order: as an interaction log they must give the same dataset."""
+    reviews, _ = kept_reviews(json.loads(line) for line in real_lines())
+    return [(r["reviewerID"], r["asin"], r["unixReviewTime"]) for r in reviews]
+
+
+@pytest.fixture
+def python_cli():
+    def cli(*argv):
+        proc = subprocess.run([sys.executable, "data/prepare.py", *map(str, argv)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+    return cli
+
+
+def test_interactions_csv_and_inter_give_what_the_reviews_give(full, python_cli, tmp_path):
+    rows = gift_card_rows()
+    # the header in another order, user_id/item_id names and an extra column
+    csv_file = write(tmp_path / "gift.csv", ["timestamp,rating,item_id,user_id"] +
+                     [f"{t},5.0,{i},{u}" for u, i, t in rows])
+    inter = write(tmp_path / "gift.inter", ["user_id:token\titem_id:token\trating:float\ttimestamp:float"] +
+                  [f"{u}\t{i}\t5.0\t{t}" for u, i, t in rows])
+    cli = python_cli("--interactions", csv_file, "--out", tmp_path / "csv")
+    assert "5-core" in cli.stdout and "users 188, items 83" in cli.stdout
+    run_interactions(inter, tmp_path / "inter")
+    reference = read_out(full[0])
+    expected = {name: reference[name] for name in ("sequential.txt", "datamaps.json")}  # 83 items: no negatives
+    assert read_out(tmp_path / "csv") == read_out(tmp_path / "inter") == expected
+    summary = json.loads((tmp_path / "csv" / "prepare_summary.json").read_text())
+    assert summary["rows"] == len(rows) and summary["duplicate_user_item_rows"] == 7
+    assert (summary["users"], summary["items"], summary["interactions"]) == (188, 83, 1158)
+    before = summary["before_k_core"]
+    assert before["users"] > 188 and before["items"] > 83 and summary["k_core"]["k"] == 5  # the 5-core dropped some
+
+
+def test_interactions_are_time_ordered_k_cored_and_numbered_like_p5(tmp_path):
+    """The published beauty split (a 5-core, items numbered by first appearance) written as a log with each
+    user's rows shuffled comes back as it was, with a valid negative.txt."""
+    lines = (BEAUTY / "sequential.txt").read_text().splitlines()
+    maps = json.loads((BEAUTY / "datamaps.json").read_text())
+    rng = random.Random(0)
+    rows = ["user,item,timestamp"]
+    for line in lines:
+        user, *items = line.split()
+        events = [(maps["id2user"][user], maps["id2item"][i], 1_300_000_000 + 86_400 * t) for t, i in enumerate(items)]
+        rng.shuffle(events)  # file order is not time order
+        rows += [f"{u},{i},{t}" for u, i, t in events]
+    summary = run_interactions(write(tmp_path / "beauty.csv", rows), tmp_path / "out")
+    assert (tmp_path / "out" / "sequential.txt").read_text().splitlines() == lines
+    out_maps = json.loads((tmp_path / "out" / "datamaps.json").read_text())
+    assert out_maps["id2user"] == maps["id2user"] and out_maps["id2item"] == maps["id2item"]
+    assert summary["negatives"] == "99 per user, seed 2022" and not (tmp_path / "out" / "explanation.json").exists()
+    ds = load_dataset(tmp_path / "out", log=lambda *a: None)  # checks every negative: 99, distinct, never bought
+    assert len(ds.negatives) == 22363 and ds.records is None
+
+
+def test_k_core_applies_to_interactions(tmp_path):
+    # u1..u3 buy a, b, c: a 3-core; u4 buys a, b, d: d has one buyer, and without it u4 has 2 items
+    rows = ["user,item,timestamp"] + [f"{u},{i},{t}" for u in ("u1", "u2", "u3") for t, i in enumerate("abc")]
+    rows += ["u4,a,1", "u4,b,2", "u4,d,3", "u1,a,9"]  # u1's second a: the earliest is kept
+    summary = run_interactions(write(tmp_path / "log.csv", rows), tmp_path / "out", "--k", "3")
+    assert (tmp_path / "out" / "sequential.txt").read_text() == "1 1 2 3\n2 1 2 3\n3 1 2 3\n"
+    assert summary["before_k_core"] == {"users": 4, "items": 4, "interactions": 12}
+    # pass 1 drops d, pass 2 u4 (left with a and b), pass 3 finds nothing more
+    assert summary["duplicate_user_item_rows"] == 1 and summary["k_core"]["iterations"] == 3
+
+
+@pytest.mark.parametrize("suffix, bad, words", [
+    (".csv", ",B00ADR2LV6,1400000000", "empty user"),
+    (".csv", "A1,,1400000000", "empty item"),
+    (".csv", "A1,B00ADR2LV6,", "empty timestamp"),
+    (".csv", "A1,B00ADR2LV6,yesterday", "timestamp 'yesterday' is not a number"),
+    (".csv", "A1,B00ADR2LV6,nan", "timestamp 'nan' is not a number"),
+    (".csv", "A1,B00ADR2LV6", "2 columns, the header has 3"),
+    (".csv", "A1,B00ADR2LV6,1400000000,5", "4 columns, the header has 3"),
+    (".csv", b"A1,B00\xff,1400000000", "not UTF-8 text"),
+    (".inter", "A1\tB00ADR2LV6\tsoon", "timestamp 'soon' is not a number"),
+    (".inter", "A1 B00ADR2LV6 1400000000", "1 columns, the header has 3"),  # spaces are not tabs
+])
+def test_bad_interaction_row_names_its_line(tmp_path, suffix, bad, words):
+    sep = "," if suffix == ".csv" else "\t"
+    rows = [sep.join(row) for row in [("user", "item", "timestamp")] +
+            [(u, i, str(t)) for u, i, t in gift_card_rows()[:40]]]
+    path = tmp_path / f"log{suffix}"
+    text = "\n".join(rows[:16]).encode() + b"\n" + (bad if isinstance(bad, bytes) else bad.encode()) + b"\n"
+    path.write_bytes(text + "\n".join(rows[16:]).encode() + b"\n")
+    with pytest.raises(DataError) as e:
+        run_interactions(path, tmp_path / "out")
+    assert f"{path}:17: {words}" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, words", [
+    ("", ": empty file"),
+    ("\n  \n", ": empty file"),
+    ("user,item,timestamp\n", ": no interactions (only a header)"),
+    ("user,item,time\nA1,B1,5\n", ":1: header has no 'timestamp' column"),
+    ("\nitem,user_id\nB1,A1\n", ":2: header has no 'timestamp' column"),   # blank lines before it count
+    ("user_id,item,user,timestamp\nA1,B1,A1,5\n", ":1: header names the user twice"),
+])
+def test_empty_file_and_bad_header(tmp_path, content, words):
+    path = tmp_path / "log.csv"
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        run_interactions(path, tmp_path / "out")
+    assert str(e.value).startswith(str(path) + words)
+
+
+def test_interactions_csv_quoting_bom_and_inter_quotes(tmp_path):
+    csv_file = tmp_path / "log.csv"
+    csv_file.write_bytes('\ufeffitem,user,timestamp\n"Gift, card",A1,3\nB2,A1,1.5\n'.encode())  # a spreadsheet's BOM
+    assert list(read_interactions(csv_file)) == [(2, "A1", "Gift, card", 3.0), (3, "A1", "B2", 1.5)]
+    inter = tmp_path / "log.inter"
+    inter.write_text('user_id:token\titem_id:token\ttimestamp:float\nA1\t"B1\t7\n')  # a quote is only a character
+    assert list(read_interactions(inter)) == [(2, "A1", '"B1', 7.0)]
+
+
+def test_interactions_flags():
+    with pytest.raises(SystemExit):
+        parse_args(["--interactions", "a.csv", "--reviews", "b.json"])
+    with pytest.raises(SystemExit):
+        parse_args(["--interactions", "a.csv", "--skip_bad"])
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert parse_args(["--interactions", "x/ml-1m.inter"]).out.endswith("data/ml-1m")
