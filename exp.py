@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import tasks
-from evaluation import autocast, batches, eval_users, load_run, parser, print_table, write_results
+from evaluation import autocast, batches, eval_users, load_run, parser, write_run_results
 from metrics import feature_metrics, text_metrics
+from results import print_table
 from utils import UserError, atomic_write_text, progress_bar, report_user_errors
 
 report_user_errors()
@@ -64,11 +65,11 @@ else:
         name = "vs LLM explanation" + ("" if len(llm) == len(records) else f" ({len(llm)} records)")
         rows[name] = text_metrics(*map(list, zip(*llm)))
 print_table(rows, f"{args.task}: {len(records)} test records, {len(records) / seconds:.1f} records/s")
-results = dict(rows)
+details = {"records": len(records), "records_per_second": len(records) / seconds}
 if args.task == "explanation" and all(r.get("feature") for r in records):
     vocab = {r["feature"] for recs in ds.records.values() for rs in recs.values() for r in rs if r.get("feature")}
-    results["features"] = feature_metrics([r["feature"] for r in records], generated, vocab)
-    print("features: " + ", ".join(f"{k} {v:.4f}" for k, v in results["features"].items()))
+    details["features"] = feature_metrics([r["feature"] for r in records], generated, vocab)
+    print("features: " + ", ".join(f"{k} {v:.4f}" for k, v in details["features"].items()))
 
 # items as the dataset's own files number them (the model may have seen them renumbered: --item_ids)
 original = {new: old for old, new in enumerate(ds.item_map)} if ds.item_map else None
@@ -78,4 +79,6 @@ lines = [json.dumps({"user": r["user"], "item": original[r["item"]] if original 
 pred_path = Path(args.checkpoint) / f"predictions_{'exp' if args.task == 'explanation' else 'review'}.jsonl"
 atomic_write_text(pred_path, "\n".join(lines) + "\n")
 print(f"predictions: {pred_path}")
-write_results(args, "exp" if args.task == "explanation" else "review", meta, ds, sorted(users), results, started)
+rows = {f"HDRec ({name})": row for name, row in rows.items()}
+write_run_results(args, "exp" if args.task == "explanation" else "review", meta, ds, sorted(users), started,
+                  protocol="generated text", model=next(iter(rows)), rows=rows, details=details)

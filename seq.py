@@ -2,22 +2,25 @@
 
     python seq.py --data_dir ./data/beauty/ --cuda --batch_size 32 --checkpoint ./checkpoint/beauty/
 
---protocol clean (default): only valid item ids the user has not bought (beams constrained by a prefix trie; with
-one-token ids read in the decoder, every item ranked by its likelihood in one pass, which is what the beams find).
---protocol paper: unconstrained beams and history not excluded, as the original code; an invalid id is a miss
+--protocol clean (default): the evaluation core (ranking.py) ranks the held-out item over all items, the user's
+bought items excluded: from the model's score of every item where it gives one (one-token ids read in the decoder,
+the learn recipe), else from its beam lists constrained to valid, not-yet-bought ids (ranks past --top_k are not
+recorded). --protocol paper: unconstrained beams, nothing excluded, as the original code; an invalid id is a miss
 (the original filled such gaps with random ids, which we do not do).
-Beside the model: the no-training reference rules, and how personal the lists are (distinct lists, item coverage,
-overlap with the most-popular list, and the share of lists that change when a user's history is swapped for another's).
+Beside the model: every reference rule of ranking.py on the same users, and how personal the lists are (distinct
+lists, item coverage, overlap with the most-popular list, and the share of lists that change when a user's history
+is swapped for another's).
 """
 import time
 
 from evaluation import (eval_users, input_sensitivity, list_quality, load_run, parser, personalisation,
-                        personalisation_warning, print_table, recommend_next, reference_lists, write_results)
-from metrics import rank_of, ranking_metrics
+                        personalisation_warning, rank_next, recommend_next, write_run_results)
+from ranking import eval_cases, rule_ranks, rule_scores, rule_settings, top_lists
+from results import FULL_RANKING, print_table, rank_rows
 from utils import report_user_errors
 
 report_user_errors()
-p = parser("sequential recommendation: HR@{1,5,10}, NDCG@{5,10}", beams=True)
+p = parser("sequential recommendation: HR@{1,5,10,20}, NDCG@{5,10,20}", beams=True)
 p.add_argument("--sensitivity_users", type=int, default=500,
                help="users whose history is swapped for the input-sensitivity figure (0: skip it)")
 args = p.parse_args()
@@ -27,16 +30,19 @@ model, tokenizer, meta, ds, encoder, device = load_run(args)
 history = meta.get("history", "encoder")
 users = eval_users(ds, args.users, args.seed)
 t0 = time.time()
-lists = recommend_next(model, tokenizer, encoder, ds, users, args.protocol, args.num_beams, args.top_k,
-                       args.batch_size, args.seed, history=history)
+ranks, lists, list_length = rank_next(model, tokenizer, encoder, ds, users, args.protocol, args.num_beams,
+                                      args.top_k, args.batch_size, args.seed, history=history)
 speed = len(users) / (time.time() - t0)
 
-references = reference_lists(ds, users, args.top_k)
 model_name = f"HDRec ({args.protocol})"
-all_lists = {model_name: lists, **references}
-ranks = {name: [rank_of(ds.test_item(u), items) for u, items in zip(users, ls)] for name, ls in all_lists.items()}
-rows = {name: ranking_metrics(r) for name, r in ranks.items()}
-personal = {name: personalisation(ls, references["most_popular"], ds.num_items) for name, ls in all_lists.items()}
+reference_ranks = rule_ranks(ds, users, "test")
+rows = rank_rows(model_name, ranks, reference_ranks, list_length)
+# how personal the lists are: the model's and the history-free / history-driven rules' (cheap to list)
+_, histories, _ = eval_cases(ds, "test", users)
+rule_lists = {name: top_lists(score_fn(histories), histories, args.top_k) for name, score_fn in
+              rule_scores(ds, ("most_popular", "recent_popular", "co_occurrence")).items()}
+personal = {name: personalisation(ls, rule_lists["most_popular"], ds.num_items)
+            for name, ls in {model_name: lists, **rule_lists}.items()}
 if args.sensitivity_users:
     # the model's own lists with nothing excluded, before and after the swap
     personal[model_name]["input_sensitivity"] = input_sensitivity(
@@ -44,13 +50,15 @@ if args.sensitivity_users:
                                      args.batch_size, args.seed, progress=False, history=history, exclude_bought=False),
         ds, users, args.sensitivity_users, args.seed)
 print_table(rows, f"sequential, {len(users)} users, item ids {meta.get('item_ids', 'published')}, "
-                  f"{args.num_beams} beams, {speed:.1f} users/s")
-print_table(personal, "how personal the top-10 lists are")
+                  + (f"{args.num_beams} beams, top-{list_length} lists, " if list_length else "all items ranked, ")
+                  + f"{speed:.1f} users/s")
+print_table(personal, f"how personal the top-{args.top_k} lists are")
 warning = personalisation_warning(personal[model_name], personal["co_occurrence"])
 if warning:
     print("\n" + warning)
 quality = list_quality(lists, ds, users, ds.num_items)
 print("top-k lists: " + ", ".join(f"{k} {v}" for k, v in quality.items()))
-write_results(args, "seq", meta, ds, users, {**rows, "personalisation": personal, "list_quality": quality,
-                                             "users_per_second": speed}, started,
-              ranks=ranks[model_name], reference_ranks={n: r for n, r in ranks.items() if n != model_name})
+write_run_results(args, "seq", meta, ds, users, started, protocol=FULL_RANKING if args.protocol == "clean" else "paper",
+                  model=model_name, rows=rows, ranks=ranks, reference_ranks=reference_ranks, list_length=list_length,
+                  rule_settings=rule_settings(ds),
+                  details={"personalisation": personal, "list_quality": quality, "users_per_second": speed})

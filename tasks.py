@@ -100,8 +100,9 @@ class WordEncoder:
         return {tuple(self.item_tokens(i)): i for i in range(1, num_items + 1)}
 
     def single_item_tokens(self, num_items):
-        """The one token of each item 1..num_items (atomic ids), in item order."""
-        return [self.item_tokens(i)[0] for i in range(1, num_items + 1)]
+        """The one token of each item 1..num_items (atomic ids), in item order; None when some item has several."""
+        tokens = [self.item_tokens(i) for i in range(1, num_items + 1)]
+        return [t[0] for t in tokens] if all(len(t) == 1 for t in tokens) else None
 
     def item_tokens(self, item):
         """An item id's tokens: its word's cached pieces."""

@@ -22,17 +22,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch
 
 from dataset import read_yaml
-from hllm.data import TEXT_SOURCES, load_interactions
-from hllm.evaluate import KS, eval_cases, evaluate_model, evaluate_popularity, pad_right
+from hllm.data import load_interactions
+from hllm.evaluate import evaluate_model, pad_right
 from hllm.item_caching import build_item_cache, load_item_cache, stale_cache_reason
 from hllm.model import (LOSSES, build_user_llm, load_user_llm, resolve_mode, save_user_llm,
                         trainable_parameters)
-from utils import (UserError, atomic_write_json, bf16_supported, file_sha256, pick_device, progress_bar,
-                   report_user_errors, seed_everything, versions)
+from item_text import TEXT_SOURCES
+from ranking import rule_ranks, rule_settings
+from results import FULL_RANKING, print_table, rank_rows, read_results, write_results
+from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, file_sha256, pick_device,
+                   progress_bar, report_user_errors, seed_everything)
 
 # names HLLM's YAML configs use for the same settings
 YAML_ALIASES = {"learning_rate": "lr", "train_batch_size": "batch_size", "MAX_ITEM_LIST_LENGTH": "max_seq_len",
-                "eval_batch_size": "eval_batch_size", "stopping_step": "patience"}
+                "eval_batch_size": "eval_batch_size", "stopping_step": "endure_times"}
 
 
 def str2bool(value):
@@ -75,7 +78,8 @@ def build_parser():
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--max_seq_len", type=int, default=20, help="items of history the user LLM reads")
     p.add_argument("--num_negatives", type=int, default=256, help="sampled negatives per batch (plus in-batch)")
-    p.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better val NDCG@10")
+    p.add_argument("--endure_times", type=int, default=3,
+                   help="stop after this many epochs without a better val NDCG@10 (HLLM's stopping_step)")
     p.add_argument("--max_steps", type=int, default=0, help="stop an epoch after this many steps (0: no limit)")
     p.add_argument("--out", default=None, help="output dir (default checkpoint/hllm/<dataset>)")
     p.add_argument("--cuda", action="store_true")
@@ -128,7 +132,7 @@ def train(model, ds, args, device, out_dir, log=print):
     generator = torch.Generator().manual_seed(args.seed)
     use_bf16 = bf16_supported(device)
     num_negatives = min(args.num_negatives, ds.num_items)
-    history, best, bad_epochs = [], -1.0, 0
+    history, stopping = [], EarlyStopping(args.endure_times)
     for epoch in range(1, args.epochs + 1):
         model.train()
         batches = length_bucketed_batches([len(s) for s in sequences], args.batch_size, generator)
@@ -154,31 +158,20 @@ def train(model, ds, args, device, out_dir, log=print):
         history.append(row)
         log(f"epoch {epoch}: loss {row['train_loss']:.4f}, val Recall@10 {val['Recall@10']:.4f} "
             f"NDCG@10 {val['NDCG@10']:.4f} ({seconds:.0f}s, {row['sequences_per_second']} seq/s)")
-        if val["NDCG@10"] > best:
-            best, bad_epochs = val["NDCG@10"], 0
+        if stopping.improved(-val["NDCG@10"]):
             save_user_llm(model, out_dir, model.mode, {"max_seq_len": args.max_seq_len, "loss": args.loss,
                                                         "epoch": epoch, "item_cache": str(args.item_cache_path),
                                                         "user_pretrain_dir": args.user_pretrain_dir})
-        else:
-            bad_epochs += 1
         atomic_write_json(out_dir / "train_log.json", history)
-        if bad_epochs >= args.patience:
-            log(f"early stop: no better validation NDCG@10 for {bad_epochs} epochs")
+        if stopping.stop:
+            log(f"early stop: no better validation NDCG@10 for {stopping.endured} epochs")
             break
     return history
 
 
-def print_table(rows):
-    """rows: {method: {split: metrics}} -> one line per method and split."""
-    keys = [f"Recall@{k}" for k in KS] + [f"NDCG@{k}" for k in KS]
-    print(f"{'method':<26}{'split':<6}" + "".join(f"{k:>11}" for k in keys))
-    for method, splits in rows.items():
-        for split, m in splits.items():
-            print(f"{method:<26}{split:<6}" + "".join(f"{m[k]:>11.4f}" for k in keys))
-
-
 def main(argv=None):
     args = parse_args(argv)
+    started = time.time()
     seed_everything(args.seed)
     device = pick_device(args.cuda)
     ds = load_interactions(args.dataset, args.data_dir)
@@ -204,40 +197,37 @@ def main(argv=None):
     print(f"item cache {cache}: {cache_meta['text_source']} text, {cache_meta['pooling']} pooling, "
           f"dim {embeddings.shape[1]}, item LLM {cache_meta['model']}")
 
-    popular = {split: evaluate_popularity(ds, split) for split in ("val", "test")}      # (metrics, ranks)
-    results = {"popularity": {split: metrics for split, (metrics, _) in popular.items()}}
     if args.checkpoint:
         model, _ = load_user_llm(args.checkpoint, item_table, device)
-        mode, label = "checkpoint", f"checkpoint {Path(args.checkpoint).name}"
+        mode, label = "checkpoint", f"HSFT checkpoint {Path(args.checkpoint).name}"
     else:
         mode = resolve_mode(args.use_lora, args.use_qlora, args.val_only)
         model = build_user_llm(args.user_pretrain_dir, item_table, mode, device, args.lora_r, args.lora_alpha,
                                args.lora_dropout)
         model.mode = mode
-        label = "base (un-tuned)" if mode == "none" else f"fine-tuned ({mode}, {args.loss})"
+        label = "HSFT base (un-tuned)" if mode == "none" else f"HSFT fine-tuned ({mode}, {args.loss})"
     history = []
     if mode not in ("none", "checkpoint"):
         n_train = sum(p.numel() for p in trainable_parameters(model))
         print(f"fine-tuning: {mode}, {n_train:,} trainable parameters")
         history = train(model, ds, args, device, out_dir)
         model, _ = load_user_llm(out_dir, item_table, device)  # the best epoch
-    results[label], ranks = {}, {}
+    figures, ranks = {}, {}
     for split in ("val", "test"):
-        results[label][split], ranks[split] = evaluate_model(model, ds, split, args.eval_batch_size, args.max_seq_len,
-                                                             device)
-    print_table({"most popular": results["popularity"], label: results[label]})
-
-    report = {"mode": mode, "model": label, "metrics": results[label], "popularity": results["popularity"],
-              "train_log": history, "config": vars(args), "item_cache": {**cache_meta, "raw_ids": None,
-                                                                           "sha256": file_sha256(cache)},
-              "data_hashes": ds.hashes, "versions": versions(),
-              # per test user (0-based rank over all items, bought ones excluded), for paired comparisons
-              "user_ids": [user for user, _, _ in eval_cases(ds, "test")], "ranks": ranks["test"],
-              "reference_ranks": {"most_popular": popular["test"][1]}}
+        figures[split], ranks[split] = evaluate_model(model, ds, split, args.eval_batch_size, args.max_seq_len, device)
+    users = list(ds.sequences)
+    reference_ranks = rule_ranks(ds, users, "test")
+    rows = rank_rows(label, ranks["test"], reference_ranks)
+    print_table({f"{label}, validation": figures["val"], **rows},
+                f"{ds.data_dir}: test, {len(users)} users, all items ranked, history excluded")
     name = "results_val_only.json" if mode == "none" else "results.json"
-    atomic_write_json(out_dir / name, report)
-    print(f"results -> {out_dir / name}")
-    return report
+    write_results(out_dir / name, task="seq", protocol=FULL_RANKING, model=label, ds=ds, users=users, rows=rows,
+                  ranks=ranks["test"], reference_ranks=reference_ranks, rule_settings=rule_settings(ds),
+                  item_ids="item text", config=vars(args), started=started,
+                  training={"minutes": sum(e.get("seconds", 0) for e in history) / 60, "log": history},
+                  details={"mode": mode, "validation": figures["val"],
+                           "item_cache": {**cache_meta, "raw_ids": None, "sha256": file_sha256(cache)}})
+    return read_results(out_dir / name)
 
 
 if __name__ == "__main__":

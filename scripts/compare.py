@@ -1,17 +1,16 @@
-"""Every model on one dataset in one table: the results files of runs on the same split and protocol (full ranking
-over all items, the user's history excluded), as a markdown table and a bar chart.
+"""Every model on one dataset in one table: results files of runs on the same split, all in the one results format
+(results.py) and the one protocol (ranking.py: every item ranked, the user's history excluded), as a markdown table
+and a bar chart.
 
     python scripts/compare.py checkpoint/beauty/results_seq.json checkpoint/hllm/beauty/results.json \
-        --plot compare_beauty.png
+        checkpoint/sasrec/beauty/results_seq.json --plot compare_beauty.png
 
-Reads what seq.py (`--protocol clean`) and hllm/main.py write (another model's results can join in the seq.py
-format: "task": "seq", "protocol": "clean", "model": its name, "results": {name: metrics}). Each row says its training
-minutes, item ids and seed; the reference rules (most popular, recent popular, co-occurrence) come from the first
-seq.py file. Files whose data hashes differ were run on different splits: that is an error, not a footnote.
-HR@k and Recall@k are the same figure with one held-out item. A figure the file does not record is computed from its
-per-user ranks where the ranked list reaches that far (seq.py writes top-`--top_k` lists, HSFT and SASRec full
-rankings). Below the table, paired tests over users (scripts/repeat.py: t-test and Wilcoxon on per-user NDCG@10):
-every model against most popular and against each other model.
+Reads what seq.py (`--protocol clean`), hllm/main.py and scripts/sasrec_recbole.py write. Each row says its training
+minutes, item ids and seed; the reference rules come from the files too (every file ranks them by the same
+definitions; a rule whose figures differ between files that evaluated the same users is an error). Files whose data
+hashes differ were run on different splits: that is an error, not a footnote. A model that only wrote top-k lists
+has no figure past k (left blank). Below the table, paired tests over users (scripts/repeat.py: t-test and Wilcoxon
+on per-user NDCG@10): every model against most popular and the strongest rule, and against each other model.
 """
 import argparse
 import sys
@@ -20,95 +19,71 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset import read_json  # noqa: E402
-from repeat import is_hsft, paired_test, per_user, user_scores  # noqa: E402
-from repeat import rows_of as result_rows  # noqa: E402  (scripts/repeat.py: the rows of a results file)
+from repeat import paired_test, per_user  # noqa: E402
+from results import FULL_RANKING, read_results, rule_rows  # noqa: E402
 from utils import UserError, report_user_errors  # noqa: E402
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 PAIRED_METRIC = "NDCG@10"
-PROTOCOL = "full ranking, history excluded"
-RULES = ["most_popular", "recent_popular", "co_occurrence"]
-
-
-def figures(row, ranks=None, list_length=None):
-    """HR@k / NDCG@k of a metrics dict (Recall@k read as HR@k); the ones it lacks from per-user ranks (-1: not in
-    the list) where the list is at least k long (list_length None: a full ranking)."""
-    out = {}
-    for m in METRICS:
-        value = row.get(m, row.get(m.replace("HR@", "Recall@")))
-        if value is None and ranks and (list_length is None or int(m.split("@")[1]) <= list_length):
-            value = sum(user_scores(ranks, m)) / len(ranks)
-        if value is not None:
-            out[m] = float(value)
-    return out
+RULE_NAMES = {"most_popular": "most popular", "recent_popular": "recent popular",
+              "co_occurrence": "co-occurrence, last 3 items", "item_knn": "item kNN", "ease": "EASE"}
 
 
 def model_row(path):
-    """(name, details, figures) of a results file's model, its reference rules' figures, its data hashes."""
-    r = read_json(path)
-    if not isinstance(r, dict):
-        raise UserError(f"{path}: not a results file")
-    hsft = is_hsft(r)
-    if not hsft and (r.get("task") != "seq" or not isinstance(r.get("results"), dict)):
-        raise UserError(f"{path}: neither a seq.py nor an hllm/main.py results file")
-    if not hsft and r.get("protocol") != "clean":
-        raise UserError(f"{path}: protocol {r.get('protocol')!r}; the table compares full ranking with the history "
-                        "excluded (seq.py --protocol clean)")
-    rows = result_rows(r)
-    list_length = None if hsft else (r.get("config") or {}).get("top_k")      # seq.py: top-k lists; others: full
-    references = r.get("reference_ranks") or {}
-    rules = {rule: figures(rows[rule], references.get(rule), list_length) for rule in RULES if rule in rows}
-    model = next(name for name in rows if name not in RULES and name != "max_history_plus_1")
-    if hsft:
-        log = r.get("train_log") or []
-        name = f"HSFT {model}"
-        details = {"minutes": sum(e.get("seconds", 0) for e in log) / 60, "ids": "item text",
-                   "seed": r.get("config", {}).get("seed")}
-    else:
-        train_cfg = r.get("train_config") or {}
-        name = r.get("model") or (f"T5 {r.get('backbone', '')} ({train_cfg.get('recipe', '?')} recipe, "
-                                  f"history in the {train_cfg.get('history', '?')})")
-        details = {"minutes": (r.get("training") or {}).get("minutes"), "ids": r.get("item_ids"),
-                   "seed": train_cfg.get("seed", r.get("config", {}).get("seed"))}
-    details["protocol"] = PROTOCOL + (f", top-{list_length} lists" if list_length else "")
-    details["per_user"] = "user_ids" in r and "ranks" in r
-    return (name, details, figures(rows[model], r.get("ranks"), list_length)), rules, r.get("data_hashes")
+    """(name, details, figures) of a results file's model, its rules' figures, the users it evaluated."""
+    r = read_results(path)
+    if r["task"] != "seq" or r["protocol"] != FULL_RANKING:
+        raise UserError(f"{path}: task {r['task']!r}, protocol {r['protocol']!r}; the table compares next-item "
+                        f"ranking by {FULL_RANKING} (seq.py --protocol clean, hllm/main.py, scripts/sasrec_recbole.py)")
+    train_cfg = r.get("train_config") or {}
+    name = r["model"]
+    if r.get("backbone"):          # the T5 (seq.py): named by what was trained
+        name = f"T5 {r['backbone']} ({train_cfg.get('recipe', '?')} recipe, history in the {train_cfg.get('history', '?')})"
+    details = {"minutes": (r.get("training") or {}).get("minutes"), "ids": r.get("item_ids"),
+               "seed": train_cfg.get("seed", (r.get("config") or {}).get("seed")),
+               "protocol": FULL_RANKING + (f", top-{r['list_length']} lists" if r.get("list_length") else ""),
+               "per_user": "user_ids" in r}
+    figures = {m: v for m, v in r["results"][r["model"]].items() if m in METRICS}
+    rules = {rule: {m: v for m, v in row.items() if m in METRICS} for rule, row in rule_rows(r).items()
+             if rule in RULE_NAMES}
+    return (name, details, figures), rules, r
 
 
 def table(paths):
-    rows, rules, hashes = [], {}, {}
+    rows, rules, hashes, users = [], {}, {}, {}
     for path in paths:
-        (name, details, figs), their_rules, data_hashes = model_row(path)
+        (name, details, figs), their_rules, r = model_row(path)
         rows.append((name, details, figs, path))
-        for rule, figs in their_rules.items():
-            rules.setdefault(rule, figs)
-        if data_hashes:
-            hashes[path] = data_hashes.get("sequential.txt") if isinstance(data_hashes, dict) else data_hashes
+        hashes[path] = (r.get("data_hashes") or {}).get("sequential.txt")
+        users[path] = tuple(r.get("user_ids") or ())
+        for rule, rule_figs in their_rules.items():
+            seen = rules.setdefault(rule, (rule_figs, path))
+            if seen[0] != rule_figs and users[seen[1]] == users[path]:
+                raise UserError(f"{path}: its {rule} figures differ from {seen[1]}'s on the same users: the files "
+                                "were written by different rule definitions; rerun the older evaluation")
     if len(set(hashes.values())) > 1:
         first = next(iter(hashes))
         other = next(p for p, h in hashes.items() if h != hashes[first])
         raise UserError(f"{other}: its sequential.txt differs from {first}'s: the runs used different splits")
-    rule_names = {"most_popular": "most popular (no training)", "recent_popular": "recent popular (no training)",
-                  "co_occurrence": "co-occurrence, last 3 items (no training)"}
-    for rule in RULES:
+    for rule, label in RULE_NAMES.items():
         if rule in rules:
-            rows.append((rule_names[rule], {"minutes": 0.0, "ids": "any", "seed": None, "protocol": PROTOCOL},
-                          rules[rule], None))
+            rows.append((f"{label} (no training)", {"minutes": 0.0, "ids": "any", "seed": None, "protocol": FULL_RANKING},
+                         rules[rule][0], None))
     return rows
 
 
 def paired_tests(rows, metric=PAIRED_METRIC):
-    """[(A, B, result)]: each model with per-user ranks against most popular (from its own file) and against each
-    later model, paired over the users both evaluated."""
+    """[(A, B, result)]: each model with per-user ranks against most popular and the strongest rule (from its own
+    file), and against each later model, paired over the users both evaluated."""
     models = [(name, path) for name, d, _, path in rows if path is not None and d.get("per_user")]
+    rule_figs = {name: figs.get(metric, -1) for name, d, figs, path in rows if path is None}
+    strongest = max(rule_figs, key=rule_figs.get) if rule_figs else None
     out = []
     for i, (name, path) in enumerate(models):
         mine = per_user(path, metric)
-        try:
-            out.append((name, "most popular", paired_test(mine, per_user(path, metric, "most_popular"))))
-        except UserError:
-            pass  # a file without the rule's per-user ranks
+        for rule, label in RULE_NAMES.items():
+            if f"{label} (no training)" in ("most popular (no training)", strongest):
+                out.append((name, label, paired_test(mine, per_user(path, metric, rule))))
         for other, other_path in models[i + 1:]:
             out.append((name, other, paired_test(mine, per_user(other_path, metric))))
     return out

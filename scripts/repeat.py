@@ -11,8 +11,9 @@ differences paired over users (scipy.stats: paired t-test and Wilcoxon signed-ra
     # ... or the model against a reference rule written in the same files
     python scripts/repeat.py compare checkpoint/beauty_seeds/seed_*/results_seq.json --vs_rule co_occurrence
 
-The per-user figures come from the `user_ids` / `ranks` / `reference_ranks` that seq.py, topn.py and hllm/main.py
-write, so nothing is rerun. HR@k and NDCG@k per user follow metrics.py (one held-out item, NDCG = 1/log2(rank+2)).
+Every file is read in the one results format (results.py); the per-user figures come from its `user_ids` / `ranks`
+/ `reference_ranks`, so nothing is rerun. HR@k and NDCG@k per user follow metrics.py (one held-out item,
+NDCG = 1/log2(rank+2)).
 """
 import argparse
 import subprocess
@@ -24,11 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from dataset import read_json  # noqa: E402
 from metrics import hit, ndcg  # noqa: E402
+from results import read_results  # noqa: E402
 from utils import UserError, report_user_errors  # noqa: E402
 
-NOT_ROWS = {"list_quality", "personalisation", "users_per_second"}
 EVAL_FILES = {"seq": "results_seq.json", "topn": "results_topn.json", "exp": "results_exp.json"}
 
 
@@ -89,32 +89,17 @@ def parse_seeds(text):
 
 # ---------------------------------------------------------------------------------------------------- summary
 
-def is_hsft(r):
-    """A results file of hllm/main.py (its own layout: metrics per split, popularity beside them)."""
-    return isinstance(r, dict) and isinstance(r.get("metrics"), dict) and "popularity" in r
-
-
-def load(path):
-    r = read_json(path)
-    if not isinstance(r, dict) or not (is_hsft(r) or isinstance(r.get("results"), dict)):
-        raise UserError(f"{path}: not a results file of seq.py / topn.py / exp.py / hllm")
-    return r
-
-
 def rows_of(r):
-    """{row name: {metric: value}} of one results file (hllm: its test split)."""
-    if is_hsft(r):
-        return {r.get("model", "HSFT"): r["metrics"]["test"], "most_popular": r["popularity"]["test"]}
-    return {name: row for name, row in r["results"].items()
-            if name not in NOT_ROWS and isinstance(row, dict) and all(isinstance(v, (int, float)) for v in row.values())}
+    """{row name: {metric: value}} of one results file: the model's row first, then the rules'."""
+    return {r["model"]: r["results"][r["model"]], **{n: row for n, row in r["results"].items() if n != r["model"]}}
 
 
 def summary(paths):
     """Print mean ± std over the files of each (task, protocol) and return {group: {row: {metric: (mean, std, n)}}}."""
     groups = {}
     for path in paths:
-        r = load(path)
-        groups.setdefault((r.get("task", "hllm"), r.get("protocol", "full ranking")), []).append((path, r))
+        r = read_results(path)
+        groups.setdefault((r["task"], r["protocol"]), []).append((path, r))
     out = {}
     for (task, protocol), files in groups.items():
         seeds = [r.get("config", {}).get("seed") for _, r in files]
@@ -149,9 +134,9 @@ def mean_std(values):
 
 def per_user(path, metric, rule=None):
     """{user: the metric of that user} from a results file's model ranks, or a reference rule's."""
-    r = load(path)
+    r = read_results(path)
     if "user_ids" not in r or "ranks" not in r:
-        raise UserError(f"{path}: no per-user ranks (written by seq.py, topn.py and hllm/main.py of this version)")
+        raise UserError(f"{path}: no per-user ranks (a {r['task']} results file has none)")
     ranks = r["ranks"]
     if rule is not None:
         known = r.get("reference_ranks", {})

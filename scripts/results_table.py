@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
-from dataset import read_json  # noqa: E402
+from results import read_results  # noqa: E402
 from utils import UserError, report_user_errors  # noqa: E402
 
 report_user_errors()
@@ -16,17 +16,14 @@ if not files:
     raise UserError(f"{ckpt}: no results_*.json yet (run seq.py, topn.py, exp.py)")
 print(f"\nresults in {ckpt}")
 for f in files:
-    r = read_json(f)
-    try:
-        where = f"{r['task']} ({r['protocol']}, {r['users']} users, item ids {r['item_ids']})"
-        results = r["results"]
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{f}: not a results file of seq.py / topn.py / exp.py (no {e})") from None
-    personal = results.get("personalisation", {})
+    r = read_results(f)
+    where = f"{r['task']} ({r['protocol']}, {r['users']} users, item ids {r['item_ids']})"
+    results = r["results"]
+    personal = r["details"].get("personalisation", {})
     if personal and not isinstance(next(iter(personal.values())), dict):      # top-N: the model's figures only
         personal = {next(iter(results)): personal}
     for name, row in results.items():
-        if isinstance(row, dict) and name not in ("list_quality", "personalisation"):
+        if isinstance(row, dict):
             scale = 100 if r["task"] in ("seq", "topn") else 1
             cells = "  ".join(f"{k} {v * scale:6.2f}" for k, v in row.items())
             extra = "  ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in personal.get(name, {}).items())

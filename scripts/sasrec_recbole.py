@@ -9,12 +9,14 @@ sits in scripts/compare.py's table beside the T5 recommender and HSFT.
 2. RecBole trains SASRec with its defaults (2 layers, 2 heads, hidden 64, dropout .5, 50 items of history,
    cross-entropy over all items, lr .001, batch 2048), its leave-one-out split (`LS: valid_and_test`, time order),
    validating NDCG@10 on full ranking every epoch; training stops early after --stopping_step epochs without a better
-   validation, or once --max_minutes have passed (the best epoch's weights are kept).
+   validation, or once --max_minutes have passed. The best epoch's weights are kept in memory (RecBole's own
+   checkpoint is a pickle, which this project never loads).
 3. The split is checked user by user: RecBole's validation and test rows must have our target and our history (its
    last 50 items) for every user, or the script stops.
-4. The best model scores every item for each of our test cases and hllm/evaluate.py ranks the held-out item with the
-   user's history excluded, exactly as for HSFT and `seq.py --protocol clean` (RecBole's own full-sort evaluation of
-   sequential models does not exclude the history). Written in the seq.py results format with per-user ranks.
+4. The best model scores every item for each of our test cases and the evaluation core (ranking.py) ranks the
+   held-out item with the user's history excluded, as for every other model (RecBole's own full-sort evaluation of
+   sequential models does not exclude the history). Written in the one results format (results.py) with per-user
+   ranks, the reference rules beside it.
 """
 import argparse
 import os
@@ -22,15 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # RecBole's own torch.load of its checkpoints
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from hllm.data import load_interactions  # noqa: E402
-from hllm.evaluate import eval_cases, evaluate_popularity, metrics_from_ranks, rank_targets  # noqa: E402
-from utils import UserError, atomic_write_json, atomic_write_text, report_user_errors, versions  # noqa: E402
+from dataset import load_dataset  # noqa: E402
+from ranking import eval_cases, rank_targets, rule_ranks, rule_settings  # noqa: E402
+from results import FULL_RANKING, print_table, rank_rows, write_results  # noqa: E402
+from utils import UserError, atomic_write_text, report_user_errors  # noqa: E402
 
 MAX_LEN = 50  # RecBole's MAX_ITEM_LIST_LENGTH default
 
@@ -72,7 +74,7 @@ def check_split(ds, recbole_datasets):
         feat = rb.inter_feat
         item_token = rb.field2id_token["item_id"]
         user_token = rb.field2id_token["user_id"]
-        ours = {str(u): (history[-MAX_LEN:], target) for u, history, target in eval_cases(ds, split)}
+        ours = {str(u): (history[-MAX_LEN:], target) for u, history, target in zip(*eval_cases(ds, split))}
         seen, bad = set(), []
         for uid, seq, length, target in zip(feat["user_id"].tolist(), feat["item_id_list"].tolist(),
                                              feat["item_length"].tolist(), feat["item_id"].tolist()):
@@ -88,7 +90,7 @@ def check_split(ds, recbole_datasets):
 
 @torch.no_grad()
 def test_ranks(model, ds, rb_dataset, device, batch_size=512):
-    """Our test cases scored by the RecBole model: 0-based ranks over all items, history excluded (hllm/evaluate)."""
+    """Our test cases scored by the RecBole model: 0-based ranks over all items, history excluded (ranking.py)."""
     from recbole.data.interaction import Interaction
     token2id = rb_dataset.field2token_id["item_id"]
     # our item i -> RecBole's internal id; an item no interaction names is unknown to RecBole and ranks last
@@ -96,22 +98,22 @@ def test_ranks(model, ds, rb_dataset, device, batch_size=512):
     ours, theirs = torch.tensor(known), torch.tensor([token2id[str(i)] for i in known])
     to_internal = torch.zeros(ds.num_items + 1, dtype=torch.long)
     to_internal[ours] = theirs
-    cases = eval_cases(ds, "test")
+    users, histories, targets = eval_cases(ds, "test")
     model.eval()
     ranks = []
-    for start in range(0, len(cases), batch_size):
-        batch = cases[start:start + batch_size]
+    for start in range(0, len(users), batch_size):
+        batch = histories[start:start + batch_size]
         seqs = torch.zeros(len(batch), MAX_LEN, dtype=torch.long)
         lengths = torch.zeros(len(batch), dtype=torch.long)
-        for row, (_, history, _) in enumerate(batch):
+        for row, history in enumerate(batch):
             h = history[-MAX_LEN:]
             seqs[row, :len(h)] = to_internal[torch.tensor(h)]   # RecBole's layout: left-aligned, zero-padded
             lengths[row] = len(h)
         inter = Interaction({"item_id_list": seqs, "item_length": lengths}).to(device)
         scores = torch.full((len(batch), ds.num_items + 1), float("-inf"))
         scores[:, ours] = model.full_sort_predict(inter).cpu()[:, theirs]
-        ranks += rank_targets(scores, [h for _, h, _ in batch], [t for _, _, t in batch])
-    return [u for u, _, _ in cases], ranks
+        ranks += rank_targets(scores, batch, targets[start:start + batch_size])
+    return users, ranks
 
 
 def main(argv=None):
@@ -137,7 +139,7 @@ def main(argv=None):
         raise UserError(f"RecBole is not importable here ({e}); run this script with .venv-recbole/bin/python "
                         "after `bash scripts/setup_recbole.sh`") from None
     started = time.time()
-    ds = load_interactions(args.data_dir)
+    ds = load_dataset(args.data_dir, negatives=False)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(out)  # RecBole writes its tensorboard folder into the working directory
@@ -157,47 +159,45 @@ def main(argv=None):
 
     model = SASRec(config, train_data.dataset).to(config["device"])
     trainer = Trainer(config, model)
-    log = []
+    log, best_state = [], {}
 
     def after_validation(epoch, score):
         log.append({"epoch": epoch, "val_NDCG@10": float(score), "minutes": (time.time() - train_start) / 60})
         print(f"epoch {epoch}: val NDCG@10 {score:.4f} ({log[-1]['minutes']:.1f} min)", flush=True)
+        if score >= max(e["val_NDCG@10"] for e in log):      # the best so far: keep its weights (a copy in memory)
+            best_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         if log[-1]["minutes"] > args.max_minutes:
             raise OutOfTime
 
     train_start = time.time()
     try:
-        trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=after_validation)
+        trainer.fit(train_data, valid_data, saved=False, show_progress=False, callback_fn=after_validation)
         stopped = "early stopping" if log and len(log) < args.epochs else "epochs done"
     except OutOfTime:
         stopped = f"--max_minutes {args.max_minutes}"
     minutes = (time.time() - train_start) / 60
-    best = max(log, key=lambda e: e["val_NDCG@10"]) if log else None
-    state = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
-    model.load_state_dict(state["state_dict"])
+    if not log:
+        raise UserError("RecBole ran no validation: nothing to evaluate (raise --epochs or --max_minutes)")
+    best = max(log, key=lambda e: e["val_NDCG@10"])
+    model.load_state_dict(best_state)
     print(f"trained {minutes:.1f} min ({stopped}); best validation NDCG@10 {best['val_NDCG@10']:.4f} "
           f"at epoch {best['epoch']}")
 
     users, ranks = test_ranks(model, ds, train_data.dataset, config["device"])
-    popular, popular_ranks = evaluate_popularity(ds, "test")
-    model_name = "SASRec"
-    results = {model_name: metrics_from_ranks(ranks), "most_popular": popular}
-    for row, metrics in results.items():
-        print(f"{row:<14}" + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    path = out / "results_seq.json"
-    atomic_write_json(path, {
-        "task": "seq", "protocol": "clean", "model": f"SASRec (RecBole {recbole.__version__}, CE)",
-        "users": len(users), "all_users": len(ds.sequences), "item_ids": "P5 ids (RecBole tokens)",
-        "results": results, "seconds": time.time() - started, "config": vars(args),
-        "recbole_config": {k: config[k] for k in ("n_layers", "n_heads", "hidden_size", "inner_size",
-                                                  "hidden_dropout_prob", "attn_dropout_prob", "MAX_ITEM_LIST_LENGTH",
-                                                  "learning_rate", "train_batch_size", "loss_type")},
-        "training": {"minutes": minutes, "best_epoch": best["epoch"], "best_val_NDCG@10": best["val_NDCG@10"],
-                     "stopped": stopped, "log": log},
-        "split_check": {"users": checked, "mismatches": {s: len(b) for s, b in mismatches.items()}},
-        "data_hashes": ds.hashes, "versions": {**versions(), "recbole": recbole.__version__},
-        "user_ids": users, "ranks": ranks, "reference_ranks": {"most_popular": popular_ranks}})
-    print(f"written {path}")
+    model_name = f"SASRec (RecBole {recbole.__version__}, CE)"
+    reference_ranks = rule_ranks(ds, users, "test")
+    rows = rank_rows(model_name, ranks, reference_ranks)
+    print_table(rows, f"{ds.data_dir}: test, {len(users)} users, all items ranked, history excluded")
+    write_results(out / "results_seq.json", task="seq", protocol=FULL_RANKING, model=model_name, ds=ds, users=users,
+                  rows=rows, ranks=ranks, reference_ranks=reference_ranks, rule_settings=rule_settings(ds),
+                  item_ids="P5 ids (RecBole tokens)", config=vars(args), started=started,
+                  training={"minutes": minutes, "best_epoch": best["epoch"], "best_val_NDCG@10": best["val_NDCG@10"],
+                            "stopped": stopped, "log": log},
+                  details={"recbole_config": {k: config[k] for k in (
+                      "n_layers", "n_heads", "hidden_size", "inner_size", "hidden_dropout_prob", "attn_dropout_prob",
+                      "MAX_ITEM_LIST_LENGTH", "learning_rate", "train_batch_size", "loss_type")},
+                      "split_check": {"users": checked, "mismatches": {s: len(b) for s, b in mismatches.items()}}},
+                  versions={"recbole": recbole.__version__})
 
 
 if __name__ == "__main__":

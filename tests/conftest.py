@@ -9,12 +9,16 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# the reference rules' cache (ranking.py) of the whole test session lives in a temporary folder, shared by the
+# scripts the tests run (they inherit the environment)
+os.environ.setdefault("HDREC_CACHE", tempfile.mkdtemp(prefix="hdrec-cache-"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BEAUTY = SHARED_DATA / "p5" / "beauty"
 

@@ -1,91 +1,90 @@
 """scripts/compare.py: one table of every model on one split, from the results files, and its bar chart."""
+import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
+from dataset import Dataset
+from metrics import ranking_metrics
+from results import FULL_RANKING, write_results
 from utils import UserError
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import compare  # noqa: E402
 
-ROW = {"HR@1": .01, "HR@5": .04, "HR@10": .07, "NDCG@5": .03, "NDCG@10": .04}
+DS = Dataset(data_dir=Path("toy"), sequences={u: [1, 2, 3, 4] for u in (1, 2, 3, 4)}, num_items=60, negatives={},
+             id2user={}, id2item={}, hashes={"sequential.txt": "abc"})
+USERS = [1, 2, 3, 4]
+RULES = {"most_popular": [40, 3, 40, 40], "recent_popular": [40, 40, 2, 40], "co_occurrence": [0, 5, 12, 40],
+         "item_knn": [1, 40, 40, 40], "ease": [0, 1, 40, 9], "max_history_plus_1": [0, 0, 0, 0]}
 
 
-def seq_file(path, hashes, protocol="clean"):
-    path.write_text(json.dumps({
-        "task": "seq", "protocol": protocol, "item_ids": "random", "backbone": "mini", "data_hashes": hashes,
-        "train_config": {"recipe": "learn", "history": "decoder", "seed": 2}, "training": {"minutes": 17.9},
-        "results": {"HDRec (clean)": ROW, "most_popular": {**ROW, "HR@10": .0115}, "recent_popular": ROW,
-                    "co_occurrence": {**ROW, "HR@10": .076}, "max_history_plus_1": ROW, "list_quality": {}}}))
-    return path
+def seq_file(path, ranks=(0, 3, -1, 9), list_length=10, hashes=None, protocol=FULL_RANKING, rules=RULES):
+    """A seq.py results file of the T5, written by the one writer."""
+    ds = dataclasses.replace(DS, hashes=hashes or DS.hashes)
+    return write_results(path, task="seq", protocol=protocol, model="HDRec (clean)", ds=ds, users=USERS,
+                         ranks=list(ranks), reference_ranks=rules, list_length=list_length, item_ids="random",
+                         backbone="mini", train_config={"recipe": "learn", "history": "decoder", "seed": 2},
+                         training={"minutes": 17.9})
 
 
-def hllm_file(path, hashes):
-    path.write_text(json.dumps({
-        "model": "fine-tuned (lora, nce)", "config": {"seed": 2022}, "data_hashes": hashes,
-        "train_log": [{"seconds": 60}, {"seconds": 120}],
-        "metrics": {"test": {"Recall@5": .02, "Recall@10": .05, "Recall@20": .08, "NDCG@5": .01, "NDCG@10": .02}},
-        "popularity": {"test": {"Recall@5": .005, "Recall@10": .0115, "NDCG@5": .003, "NDCG@10": .005}}}))
-    return path
+def other_file(path, name, ranks, seed, minutes, hashes=None, rules=RULES):
+    ds = dataclasses.replace(DS, hashes=hashes or DS.hashes)
+    return write_results(path, task="seq", protocol=FULL_RANKING, model=name, ds=ds, users=USERS, ranks=list(ranks),
+                         reference_ranks=rules, item_ids="item text", config={"seed": seed},
+                         training={"minutes": minutes})
 
 
 def test_table_rows_minutes_and_best_marked(tmp_path, capsys):
-    hashes = {"sequential.txt": "abc"}
-    files = [seq_file(tmp_path / "seq.json", hashes), hllm_file(tmp_path / "hllm.json", hashes)]
+    files = [seq_file(tmp_path / "seq.json"), other_file(tmp_path / "hllm.json", "HSFT fine-tuned (lora, nce)",
+                                                         [0, 15, 30, 1], 2022, 3.0)]
     rows = compare.main([*map(str, files), "--plot", str(tmp_path / "c.png")])
     names = [name for name, *_ in rows]
     assert names == ["T5 mini (learn recipe, history in the decoder)", "HSFT fine-tuned (lora, nce)",
                      "most popular (no training)", "recent popular (no training)",
-                     "co-occurrence, last 3 items (no training)"]
-    assert rows[1][1]["minutes"] == 3.0 and rows[1][2]["HR@10"] == .05       # Recall@10 read as HR@10
+                     "co-occurrence, last 3 items (no training)", "item kNN (no training)", "EASE (no training)"]
+    assert rows[1][1]["minutes"] == 3.0 and rows[1][2]["HR@10"] == .5 and rows[1][2]["HR@20"] == .75
+    assert rows[6][2] == {m: v for m, v in ranking_metrics(RULES["ease"]).items() if m in compare.METRICS}
     out = capsys.readouterr().out
-    assert ("| T5 mini (learn recipe, history in the decoder) | 17.9 | random | full ranking, history excluded | 2 | "
-            "**0.0400** | 0.0700 |  |") in out
-    assert "| **0.0760** |" in out and "max_history" not in out
+    t5 = ranking_metrics([0, 3, None, 9], list_length=10)
+    assert (f"| T5 mini (learn recipe, history in the decoder) | 17.9 | random | {FULL_RANKING}, top-10 lists | 2 | "
+            f"**{t5['HR@5']:.4f}** | **{t5['HR@10']:.4f}** |  |") in out      # a top-10 list says nothing @20
+    assert "max_history" not in out
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_different_splits_or_protocols_are_refused(tmp_path):
-    a = seq_file(tmp_path / "a.json", {"sequential.txt": "abc"})
-    b = hllm_file(tmp_path / "b.json", {"sequential.txt": "xyz"})
+def test_different_splits_protocols_rules_and_old_files_are_refused(tmp_path):
+    a = seq_file(tmp_path / "a.json")
+    b = other_file(tmp_path / "b.json", "SASRec", [0, 1, 2, 3], 1, 5.0, hashes={"sequential.txt": "xyz"})
     with pytest.raises(UserError, match="b.json: its sequential.txt differs"):
         compare.table([a, b])
     with pytest.raises(UserError, match="protocol 'paper'"):
-        compare.table([seq_file(tmp_path / "p.json", {}, protocol="paper")])
-    (tmp_path / "x.json").write_text(json.dumps({"task": "topn", "results": {}}))
-    with pytest.raises(UserError, match="x.json: neither a seq.py nor"):
-        compare.table([tmp_path / "x.json"])
+        compare.table([seq_file(tmp_path / "p.json", protocol="paper")])
+    changed = other_file(tmp_path / "c.json", "SASRec", [0, 1, 2, 3], 1, 5.0,
+                         rules={**RULES, "most_popular": [40, 40, 40, 40]})
+    with pytest.raises(UserError, match="c.json: its most_popular figures differ from .*a.json"):
+        compare.table([a, changed])
+    (tmp_path / "old.json").write_text(json.dumps({"task": "seq", "protocol": "clean", "results": {}}))
+    with pytest.raises(UserError, match="old.json: a results file of an older version"):
+        compare.table([tmp_path / "old.json"])
 
 
-def test_missing_cutoffs_come_from_ranks_and_models_are_paired(tmp_path, capsys):
-    """A figure a file lacks is computed from its per-user ranks where its list is long enough (seq.py: top_k),
-    and every model with per-user ranks is paired with most popular and with the other models."""
-    hashes = {"sequential.txt": "abc"}
-    users = [1, 2, 3, 4]
-    t5 = json.loads(seq_file(tmp_path / "t5.json", hashes).read_text())
-    t5.update(config={"top_k": 10}, user_ids=users, ranks=[0, 3, -1, 9],
-              reference_ranks={"most_popular": [-1, -1, 5, -1]})
-    (tmp_path / "t5.json").write_text(json.dumps(t5))
-    sasrec = {"task": "seq", "protocol": "clean", "model": "SASRec (RecBole 1.2.1, CE)", "data_hashes": hashes,
-              "config": {"seed": 3}, "results": {"SASRec": {"Recall@10": .5}}, "user_ids": users,
-              "ranks": [0, 15, 30, 1], "reference_ranks": {"most_popular": [40, 40, 40, 40]}}
-    (tmp_path / "sasrec.json").write_text(json.dumps(sasrec))
-    rows = compare.main([str(tmp_path / "t5.json"), str(tmp_path / "sasrec.json")])
-    t5_figs, sasrec_figs = rows[0][2], rows[1][2]
-    assert "HR@20" not in t5_figs and "NDCG@20" not in t5_figs            # a top-10 list says nothing about @20
-    assert t5_figs["HR@10"] == .07                                       # recorded figures are kept
-    assert sasrec_figs["HR@10"] == .5 and sasrec_figs["HR@20"] == .75    # ranks 0, 15, 1 of 0, 15, 30, 1
-    assert sasrec_figs["NDCG@20"] == pytest.approx((1 + 1 / math.log2(17) + 1 / math.log2(3)) / 4)
-    assert rows[1][1]["protocol"] == "full ranking, history excluded"
+def test_models_are_paired_with_most_popular_the_strongest_rule_and_each_other(tmp_path, capsys):
+    t5 = seq_file(tmp_path / "t5.json")
+    sasrec = other_file(tmp_path / "sasrec.json", "SASRec (RecBole 1.2.1, CE)", [0, 15, 30, 1], 3, 5.0)
+    compare.main([str(t5), str(sasrec)])
     out = capsys.readouterr().out
     t5_ndcg = (1 + 1 / math.log2(5) + 0 + 1 / math.log2(11)) / 4
     sasrec_ndcg = (1 + 0 + 0 + 1 / math.log2(3)) / 4
-    popular_ndcg = (1 / math.log2(7)) / 4                                # rank 5 for user 3 only
+    popular_ndcg = (1 / math.log2(5)) / 4                               # rank 3 for user 2 only
+    ease_ndcg = (1 + 1 / math.log2(3) + 0 + 1 / math.log2(11)) / 4       # the strongest rule on NDCG@10
     assert f"| T5 mini (learn recipe, history in the decoder) | most popular | 4 | {t5_ndcg:.4f} | " \
            f"{popular_ndcg:.4f} |" in out
+    assert f"| T5 mini (learn recipe, history in the decoder) | EASE | 4 | {t5_ndcg:.4f} | {ease_ndcg:.4f} |" in out
     assert f"| T5 mini (learn recipe, history in the decoder) | SASRec (RecBole 1.2.1, CE) | 4 | {t5_ndcg:.4f} | " \
            f"{sasrec_ndcg:.4f} | {t5_ndcg - sasrec_ndcg:+.4f} |" in out
-    assert "| SASRec (RecBole 1.2.1, CE) | most popular | 4 |" in out
+    assert "| SASRec (RecBole 1.2.1, CE) | most popular | 4 |" in out and "| co-occurrence" not in out.split("paired")[1]

@@ -9,7 +9,7 @@ from transformers import T5ForConditionalGeneration
 from cooccurrence import cooc_scores, cooccurrence, item_vectors
 from dataset import Dataset
 from utils import UserError
-from evaluation import cooc_next, cooc_rule, popularity
+from ranking import co_occurrence, top_lists
 from module import init_item_embeddings, item_word, t5_config_for
 
 
@@ -45,12 +45,15 @@ def test_scores_weight_the_last_items_by_recency():
 
 def test_rule_excludes_bought_items_and_falls_back_to_popularity():
     ds = toy({1: [1, 2, 3, 4, 5], 2: [2, 3, 6, 7, 8], 3: [9, 9, 2, 1, 1], 4: [6, 6, 6, 1, 1]}, 9)
-    pop = popularity(ds)
-    rule = cooc_rule(ds, pop)
+    rule = co_occurrence(ds)
+
+    def cooc_next(user, k):
+        history = ds.sequences[user][:-1]
+        return top_lists(rule([history]), [history], k)[0]
     # user 1 bought 1 2 3 4; its last items 4, 3, 2 co-occur (in training parts) only with 1, 2, 3, 6
-    assert cooc_next(ds, 1, rule, k=3)[0] == 6
+    assert cooc_next(1, k=3)[0] == 6
     # user 4's last item 1 co-occurs with 2 and 3 (2 is also popular: 3 users); the rest follows popularity
-    top = cooc_next(ds, 4, rule, k=5)
+    top = cooc_next(4, k=5)
     assert top[:2] == [2, 3] and 1 not in top and 6 not in top
     assert top[2] == 9                                          # the most popular item left (bought twice)
 

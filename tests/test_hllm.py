@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from dataset import DataError
-from hllm.data import item_texts, load_interactions, load_pixelrec, read_item_meta
-from hllm.evaluate import evaluate_model, evaluate_popularity, rank_targets
+from hllm.data import load_interactions, load_pixelrec
+from hllm.evaluate import evaluate_model
 from hllm.item_caching import build_item_cache, load_item_cache, save_item_cache
 from hllm.model import bce_loss, build_user_llm, load_user_llm, nce_loss, resolve_mode, save_user_llm
+from item_text import item_texts, read_item_meta
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WORDS = ("this item means in one word : \" . title brand tag description great soft shampoo hair cream red blue "
@@ -188,31 +189,6 @@ def test_bce_loss_by_hand():
     assert got.item() == pytest.approx((row1 + row2) / 2, rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- ranking
-
-def test_full_ranking_with_history_masked_by_hand():
-    from hllm.evaluate import metrics_from_ranks
-    scores = torch.tensor([[9.0, 0.9, 0.8, 0.7, 0.6, 0.5],    # col 0 = padding, never ranked
-                           [0.0, 0.9, 0.8, 0.7, 0.6, 0.5],
-                           [0.0, 0.5, 0.5, 0.5, 0.1, 0.2]])
-    histories = [[1, 2], [1, 2, 3], [1, 4]]
-    targets = [4, 1, 3]  # user 2 re-buys item 1: its own target is not masked
-    ranks = rank_targets(scores, histories, targets)
-    # user 1: items 3 (0.8) > 4 -> rank 1; user 2: item 1 top -> 0; user 3: tie with item 2 counts against -> 1
-    assert ranks == [1, 0, 1]
-    m = metrics_from_ranks([1, 0, 1, 7, None])
-    assert m["Recall@5"] == pytest.approx(3 / 5) and m["Recall@10"] == pytest.approx(4 / 5)
-    assert m["NDCG@5"] == pytest.approx((2 / math.log2(3) + 1) / 5)
-    assert m["NDCG@10"] == pytest.approx((2 / math.log2(3) + 1 + 1 / math.log2(9)) / 5)
-
-
-def test_popularity_baseline_by_hand(tmp_path):
-    ds = load_interactions(str(write_p5_dir(tmp_path / "d", {1: [1, 2, 3], 2: [1, 4, 2], 3: [1, 2, 4, 3]})))
-    # val: histories [1], [1], [1, 2]: counts item1=3, item2=1; targets 2, 4, 4
-    _, ranks = evaluate_popularity(ds, "val")
-    assert ranks == [0, 2, 1]  # user 1: item 1 masked, item 2 first; user 2: 2 > (3 = 4 tie) -> 2; user 3: 3/4 tie
-
-
 # ----------------------------------------------------------------------------- user LLM
 
 def test_qlora_falls_back_on_cpu():
@@ -292,20 +268,27 @@ def test_end_to_end_cache_train_eval(tiny, tmp_path, capsys):
     hllm_main.main(common + ["--val_only", "True", "--out", str(tmp_path / "base")])   # back to the first settings
     assert "it was made with pooling 'mean', not 'last'" in capsys.readouterr().out
     config = tmp_path / "hllm.yaml"
-    config.write_text("learning_rate: 0.01\nepochs: 1\nsome_hllm_setting: 3\n")
+    config.write_text("learning_rate: 0.01\nepochs: 1\nstopping_step: 2\nsome_hllm_setting: 3\n")
     report = hllm_main.main(common + ["--use_qlora", "True", "--config_file", str(config), "--batch_size", "2",
                                       "--out", str(tmp_path / "ft")])
     saved = json.loads((tmp_path / "ft" / "results.json").read_text())
-    assert saved["mode"] == "lora" and saved["config"]["lr"] == 0.01 and saved["config"]["epochs"] == 1
-    assert len(saved["train_log"]) == 1 and set(saved["metrics"]) == {"val", "test"}
-    assert set(saved["metrics"]["test"]) == {f"{m}@{k}" for m in ("Recall", "NDCG") for k in (5, 10, 20, 50)}
-    assert saved["item_cache"]["text_source"] == "summary" and saved["data_hashes"] == report["data_hashes"]
+    assert saved == report and saved["format"] == "hdrec-results/2"              # the one results format
+    assert saved["details"]["mode"] == "lora" and saved["config"]["lr"] == 0.01 and saved["config"]["epochs"] == 1
+    assert saved["config"]["endure_times"] == 2                                  # HLLM's stopping_step
+    assert len(saved["training"]["log"]) == 1 and set(saved["details"]["validation"]) == {
+        "HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"}
+    model = saved["model"]
+    assert model == "HSFT fine-tuned (lora, nce)" and saved["protocol"] == "full ranking, history excluded"
+    assert saved["details"]["item_cache"]["text_source"] == "summary"
     assert (tmp_path / "ft" / "user_llm" / "adapter_model.safetensors").exists()
-    assert saved["metrics"]["test"]["Recall@50"] == 1.0  # 5 items: every target is within the top 50
-    # every test user's rank, for paired tests without a rerun (scripts/repeat.py compare)
-    from hllm.evaluate import metrics_from_ranks
+    assert saved["results"][model]["HR@20"] == 1.0  # 5 items: every target is within the top 20
+    # every test user's rank, for paired tests without a rerun (scripts/repeat.py compare), and every rule's
+    from metrics import ranking_metrics
+    from ranking import RULE_NAMES
     assert len(saved["user_ids"]) == len(saved["ranks"]) == len(set(saved["user_ids"]))
-    assert metrics_from_ranks(saved["ranks"]) == pytest.approx(saved["metrics"]["test"])
-    assert metrics_from_ranks(saved["reference_ranks"]["most_popular"]) == pytest.approx(saved["popularity"]["test"])
+    assert ranking_metrics(saved["ranks"]) == pytest.approx(saved["results"][model])
+    assert set(saved["reference_ranks"]) == set(RULE_NAMES)
+    for rule, ranks in saved["reference_ranks"].items():
+        assert ranking_metrics(ranks) == pytest.approx(saved["results"][rule])
     again = hllm_main.main(common + ["--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "again")])
-    assert again["metrics"] == saved["metrics"]
+    assert again["results"]["HSFT checkpoint ft"] == saved["results"][model]

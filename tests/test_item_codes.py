@@ -135,7 +135,7 @@ def test_codes_are_saved_and_applied_at_evaluation(scheme, tmp_path, python, scr
                               env=script_env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
     seq = json.loads((ckpt / "results_seq.json").read_text())
-    assert seq["item_ids"] == scheme and seq["results"]["list_quality"] == {
+    assert seq["item_ids"] == scheme and seq["details"]["list_quality"] == {
         "lists_with_invalid_id": 0, "lists_with_duplicate": 0, "lists_with_bought_item": 0}
     assert len(seq["ranks"]) == 64
 

@@ -99,7 +99,7 @@ def test_training_killed_three_times_ends_as_an_uninterrupted_run(data64, tmp_pa
 
 def without_run_facts(results):
     return {k: v for k, v in results.items() if k not in ("seconds", "versions")} | \
-        {"results": {k: v for k, v in results["results"].items() if k != "users_per_second"}}
+        {"details": {k: v for k, v in results["details"].items() if k != "users_per_second"}}
 
 
 def test_evaluation_killed_mid_run_leaves_no_partial_file_and_reruns_the_same(data64, tmp_path, python, script_env):

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from dataset import load_dataset, random_item_permutation, renumber_items
-from evaluation import cooc_rule, eval_users, popularity, reference_sequential, topn_reference_scores
-from metrics import rank_by_score, ranking_metrics
+from evaluation import eval_users
+from metrics import ranking_metrics
+from ranking import RULE_NAMES, candidate_scores, eval_cases, rank_targets, rule_ranks, rule_scores
 from module import load_checkpoint
 from utils import file_sha256
 
@@ -19,7 +20,7 @@ from conftest import ROOT, make_slice, quiet
 
 pytestmark = pytest.mark.slow
 
-METRICS = ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"]
+METRICS = ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 TRAIN = ["--backbone", "tiny", "--ratio", "0:1:0:1", "--batch_size", "32", "--val_users", "50", "--seed", "1"]
 
 
@@ -42,39 +43,51 @@ def assert_same_tensors(a, b):
 
 
 def without_time(history):
-    return [{k: v for k, v in h.items() if k != "minutes"} for h in history]
+    timings = ("minutes", "seconds_per_epoch", "samples_per_second")
+    return [{k: v for k, v in h.items() if k not in timings} for h in history]
 
 
 def check_metrics(row):
-    assert list(row) == METRICS
+    assert list(row) in (METRICS, [m for m in METRICS if not m.endswith("@20")])     # top-10 lists: nothing @20
     assert all(0.0 <= v <= 1.0 for v in row.values())
     assert row["HR@1"] <= row["HR@5"] <= row["HR@10"] and row["NDCG@5"] <= row["NDCG@10"] <= row["HR@10"]
 
 
+PROTOCOLS = {("seq", "clean"): "full ranking, history excluded", ("seq", "paper"): "paper",
+             ("topn", "clean"): "100 candidates", ("topn", "paper"): "100 candidates, paper beams"}
+
+
 def check_results(path, task, protocol, users, all_users, item_ids, data_dir):
     res = json.loads(path.read_text())
-    assert res["task"] == task and res["protocol"] == protocol
+    assert res["format"] == "hdrec-results/2"
+    assert res["task"] == task and res["protocol"] == PROTOCOLS[task, protocol]
     assert res["users"] == users and res["all_users"] == all_users and res["item_ids"] == item_ids
     assert res["config"]["protocol"] == protocol and res["config"]["data_dir"] == str(data_dir)
     assert res["train_config"]["ratio"] == "0:1:0:1" and res["backbone"] == "tiny"
     assert res["data_hashes"] == {n: file_sha256(data_dir / n) for n in ("sequential.txt", "datamaps.json",
                                                                          "negative.txt")}
     assert {"python", "torch", "transformers", "numpy"} <= set(res["versions"])
-    assert res["seconds"] > 0 and res["results"]["users_per_second"] > 0
-    check_metrics(res["results"][f"HDRec ({protocol})"])
-    for rule in ("most_popular", "co_occurrence", "max_history_plus_1"):
-        check_metrics(res["results"][rule])
+    assert res["seconds"] > 0 and res["details"]["users_per_second"] > 0
+    assert res["model"] == f"HDRec ({protocol})" and set(res["results"]) == {res["model"], *RULE_NAMES}
+    for row in res["results"].values():
+        check_metrics(row)
+    assert ranking_metrics(res["ranks"], res["list_length"]) == pytest.approx(res["results"][res["model"]])
+    assert set(res["rule_settings"]["ease"]["setting"]) == {"lambda"}
     return res
 
 
+def reference_sequential(ds, users):
+    return {rule: ranking_metrics(ranks) for rule, ranks in rule_ranks(ds, users, "test", log=quiet).items()}
+
+
 def reference_topn(ds, users):
-    pop = popularity(ds)
-    cooc = cooc_rule(ds, pop)
-    ranks = {}
-    for u in users:
-        for rule, s in topn_reference_scores(ds, u, [ds.test_item(u)] + ds.negatives[u], pop, cooc).items():
-            ranks.setdefault(rule, []).append(rank_by_score(s, 0))
-    return {rule: ranking_metrics(r) for rule, r in ranks.items()}
+    """The rules on each user's 100 candidates, through the evaluation core's one ranking."""
+    candidates = [[ds.test_item(u)] + ds.negatives[u] for u in users]
+    _, histories, _ = eval_cases(ds, "test", users)
+    nothing = [()] * len(users)
+    return {rule: ranking_metrics(rank_targets(candidate_scores(score_fn(histories), candidates), nothing,
+                                               [c[0] for c in candidates]))
+            for rule, score_fn in rule_scores(ds, RULE_NAMES, log=quiet).items()}
 
 
 # ---------------------------------------------------------------------------------------------------- published ids, 300 users
@@ -99,6 +112,8 @@ def test_pretrain_writes_a_checkpoint(published, small_data_dir, small_ds):
     history = json.loads((ckpt / "train_log.json").read_text())
     assert [(h["epoch"], h["step"]) for h in history] == [(1, 20)]     # ceil(300/32) sequential + topn batches
     assert history[0]["samples"] == 600 and set(history[0]["val"]) == {"sequential", "topn"}
+    assert history[0]["seconds_per_epoch"] > 0 and history[0]["samples_per_second"] > 0
+    assert "s/epoch" in log and "samples/s" in log
     state = json.loads((ckpt / "last" / "train_state.json").read_text())
     assert (state["epoch"], state["step"], state["item_map"]) == (2, 0, None)
 
@@ -119,7 +134,7 @@ def test_seq(published, small_data_dir, small_ds, python, script_env, protocol):
     assert "HR@10" in log and "warning" not in log
     path = ckpt / ("results_seq.json" if protocol == "clean" else "results_seq_paper.json")
     res = check_results(path, "seq", protocol, 40, 300, "published", small_data_dir)
-    quality = res["results"]["list_quality"]
+    quality = res["details"]["list_quality"]
     assert set(quality) == {"lists_with_invalid_id", "lists_with_duplicate", "lists_with_bought_item"}
     assert all(0 <= v <= 40 for v in quality.values())
     if protocol == "clean":
@@ -176,7 +191,7 @@ def test_random_item_ids_are_saved_and_applied(random_run, data64, python, scrip
 
     run(python, script_env, "seq.py", "--data_dir", data64, "--checkpoint", ckpt, "--batch_size", 64)
     res = check_results(ckpt / "results_seq.json", "seq", "clean", 64, 64, "random", data64)
-    assert res["results"]["list_quality"] == {"lists_with_invalid_id": 0, "lists_with_duplicate": 0,
+    assert res["details"]["list_quality"] == {"lists_with_invalid_id": 0, "lists_with_duplicate": 0,
                                               "lists_with_bought_item": 0}
     users = eval_users(ds, 0, 1)
     leak_free = reference_sequential(renumber_items(ds, item_map), users)
@@ -261,7 +276,7 @@ def test_atomic_id_tokens_end_to_end(data64, tmp_path, python, script_env):
     assert all(len(ids) == 1 for ids in tokenizer(words, add_special_tokens=False)["input_ids"])
     run(python, script_env, "seq.py", "--data_dir", data64, "--checkpoint", ckpt, "--batch_size", 64)
     res = check_results(ckpt / "results_seq.json", "seq", "clean", 64, 64, "random", data64)
-    assert res["results"]["list_quality"] == {"lists_with_invalid_id": 0, "lists_with_duplicate": 0,
+    assert res["details"]["list_quality"] == {"lists_with_invalid_id": 0, "lists_with_duplicate": 0,
                                               "lists_with_bought_item": 0}
     run(python, script_env, "topn.py", "--data_dir", data64, "--checkpoint", ckpt, "--batch_size", 16)
     check_results(ckpt / "results_topn.json", "topn", "clean", 64, 64, "random", data64)

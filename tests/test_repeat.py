@@ -18,15 +18,16 @@ import repeat  # noqa: E402
 
 
 def results_file(path, seed, ranks, rule_ranks, users=None):
+    """A results file written by the one writer (results.py)."""
+    from pathlib import Path
+    from dataset import Dataset
+    from results import FULL_RANKING, write_results
     users = users or list(range(1, len(ranks) + 1))
-    from metrics import ranking_metrics
-    norm = lambda rs: [None if r < 0 else r for r in rs]       # noqa: E731
-    data = {"task": "seq", "protocol": "clean", "users": len(users), "config": {"seed": seed},
-            "results": {"HDRec (clean)": ranking_metrics(norm(ranks)), "co_occurrence": ranking_metrics(norm(rule_ranks)),
-                        "list_quality": {"lists_with_invalid_id": 0}, "users_per_second": 3.0},
-            "user_ids": users, "ranks": ranks, "reference_ranks": {"co_occurrence": rule_ranks}}
-    path.write_text(json.dumps(data))
-    return path
+    ds = Dataset(data_dir=Path("toy"), sequences={u: [1, 2, 3] for u in users}, num_items=20, negatives={},
+                 id2user={}, id2item={}, hashes={"sequential.txt": "abc"})
+    return write_results(path, task="seq", protocol=FULL_RANKING, model="HDRec (clean)", ds=ds, users=users,
+                         ranks=ranks, reference_ranks={"co_occurrence": rule_ranks}, config={"seed": seed},
+                         details={"list_quality": {"lists_with_invalid_id": 0}, "users_per_second": 3.0})
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def three_seeds(tmp_path):
 
 def test_summary_is_mean_and_sample_std(three_seeds, capsys):
     files, runs, _ = three_seeds
-    out = repeat.summary(files)["seq (clean)"]
+    out = repeat.summary(files)["seq (full ranking, history excluded)"]
     # HR@10 per run: 2/4, 3/4, 2/4 -> mean 7/12, sample std sqrt(((1/12)^2 * 2 + (2/12)^2) / 2) = 0.1443...
     mean, std, n = out["HDRec (clean)"]["HR@10"]
     assert n == 3 and mean == pytest.approx(7 / 12) and std == pytest.approx(math.sqrt((2 * (1 / 12) ** 2 + (2 / 12) ** 2) / 2))
@@ -80,7 +81,7 @@ def test_bad_input_is_a_user_error(tmp_path, three_seeds):
         repeat.compare(repeat_args(files, vs_rule="co_occurrence", metric="MRR"))
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"task": "seq", "protocol": "clean", "results": {}}))
-    with pytest.raises(UserError, match="old.json: no per-user ranks"):
+    with pytest.raises(UserError, match="old.json: a results file of an older version"):
         repeat.compare(repeat_args([old], vs_rule="co_occurrence"))
     with pytest.raises(UserError, match="--seed is set by repeat.py"):
         repeat.main(["run", "--out", str(tmp_path), "--", "--data_dir", "x", "--seed", "3"])
@@ -104,7 +105,7 @@ def test_two_seeds_of_the_tiny_model_end_to_end(tmp_path, python, script_env):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     files = [tmp_path / "runs" / f"seed_{s}" / "results_seq.json" for s in (1, 2)]
     assert [json.loads(f.read_text())["config"]["seed"] for f in files] == [1, 2]
-    assert "seq (clean), 2 runs (seeds 1, 2), users [64]" in first.stdout and " ± " in first.stdout
+    assert "seq (full ranking, history excluded), 2 runs (seeds 1, 2), users [64]" in first.stdout and " ± " in first.stdout
     again = subprocess.run(cmd, cwd=ROOT, env=script_env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already evaluated") == 2
     compared = subprocess.run([python, "scripts/repeat.py", "compare", *map(str, files), "--vs_rule", "most_popular"],

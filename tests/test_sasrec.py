@@ -30,9 +30,9 @@ sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'scripts')!r})
 import argparse
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
-from hllm.data import load_interactions
+from dataset import load_dataset
 import sasrec_recbole as s
-ds = load_interactions({str(data)!r})
+ds = load_dataset({str(data)!r}, negatives=False)
 s.write_atomic_file(ds, {str(tmp_path / 'rb')!r}, 'beauty')
 args = argparse.Namespace(out={str(tmp_path / 'out')!r}, epochs=1, stopping_step=1, lr=1e-3, batch_size=256,
                           seed=1, cuda=False)
@@ -64,20 +64,22 @@ def test_sasrec_trains_and_writes_a_comparable_results_file(tmp_path, script_env
     assert run.returncode == 0, run.stderr[-3000:]
     assert "split check: RecBole's validation and test rows equal ours for all 200 users" in run.stdout
     r = json.loads((out_dir / "results_seq.json").read_text())
-    assert r["task"] == "seq" and r["protocol"] == "clean" and r["model"].startswith("SASRec (RecBole 1.2.1")
-    assert r["split_check"] == {"users": {"val": 200, "test": 200}, "mismatches": {"val": 0, "test": 0}}
+    assert r["task"] == "seq" and r["protocol"] == "full ranking, history excluded"
+    assert r["model"].startswith("SASRec (RecBole 1.2.1")
+    assert r["details"]["split_check"] == {"users": {"val": 200, "test": 200}, "mismatches": {"val": 0, "test": 0}}
+    assert not list(out_dir.rglob("*.pth"))                  # RecBole saved no pickle: the best weights stay in memory
     assert len(r["training"]["log"]) == 2 and r["training"]["best_epoch"] in (0, 1)
 
     # the figures are those of the per-user ranks, history excluded: no rank reaches past the unbought items
     from dataset import load_sequences
-    from hllm.evaluate import metrics_from_ranks
+    from metrics import ranking_metrics
     sequences = load_sequences(data / "sequential.txt")
     assert len(r["ranks"]) == len(r["user_ids"]) == 200
-    assert r["results"]["SASRec"] == pytest.approx(metrics_from_ranks(r["ranks"]))
+    assert r["results"][r["model"]] == pytest.approx(ranking_metrics(r["ranks"]))
     for user, rank in zip(r["user_ids"], r["ranks"]):
         assert 0 <= rank < 12101 - (len(set(sequences[user])) - 1)
-    assert len(r["reference_ranks"]["most_popular"]) == 200
+    assert len(r["reference_ranks"]["most_popular"]) == 200 and "ease" in r["rule_settings"]
 
     # compare.py puts it in the table
     rows = compare.table([out_dir / "results_seq.json"])
-    assert rows[0][0] == r["model"] and rows[0][2]["NDCG@10"] == pytest.approx(r["results"]["SASRec"]["NDCG@10"])
+    assert rows[0][0] == r["model"] and rows[0][2]["NDCG@10"] == pytest.approx(r["results"][r["model"]]["NDCG@10"])

@@ -311,28 +311,29 @@ def test_exp_end_to_end(gift_dir, tmp_path, python, script_env):
     res = json.loads((ck / "results_exp.json").read_text())
     assert res["task"] == "exp" and res["users"] == 40 and res["all_users"] == len(ds.users)
     results = res["results"]
-    assert [k for k in results if k.startswith("vs ")] == ["vs review sentence"] and list(results["vs review sentence"]) == METRICS
+    assert res["format"] == "hdrec-results/2" and res["model"] == "HDRec (vs review sentence)"
+    assert list(results) == ["HDRec (vs review sentence)"] and list(results["HDRec (vs review sentence)"]) == METRICS
     generated = [p["generated"] for p in preds]
-    assert results["vs review sentence"] == pytest.approx(text_metrics([p["explanation"] for p in preds], generated))
+    assert results["HDRec (vs review sentence)"] == pytest.approx(text_metrics([p["explanation"] for p in preds], generated))
     vocab = {r["feature"] for by_user in ds.records.values() for rs in by_user.values() for r in rs}
-    assert results["features"] == pytest.approx(feature_metrics([p["feature"] for p in preds], generated, vocab))
-    assert list(results["features"]) == ["FMR", "FCR", "DIV"]
+    assert res["details"]["features"] == pytest.approx(feature_metrics([p["feature"] for p in preds], generated, vocab))
+    assert list(res["details"]["features"]) == ["FMR", "FCR", "DIV"]
 
     # with explanation_rationale.json: both references, labelled; and the review-summary task
     rat = with_rationale(gift_dir, tmp_path / "rationale")
     out = run(python, script_env, "exp.py", "--data_dir", rat, "--checkpoint", ck, "--users", "40").stdout
     assert "vs review sentence" in out and "vs LLM explanation" in out
     results = json.loads((ck / "results_exp.json").read_text())["results"]
-    assert [k for k in results if k.startswith("vs ")] == ["vs review sentence", "vs LLM explanation"]
+    assert list(results) == ["HDRec (vs review sentence)", "HDRec (vs LLM explanation)"]
     preds = read_predictions(ck / "predictions_exp.jsonl")
     assert len(preds) == len(expected) and all(p["groundtruth_explanation"].startswith("the user likes") for p in preds)
     generated = [p["generated"] for p in preds]
-    assert results["vs LLM explanation"] == pytest.approx(
+    assert results["HDRec (vs LLM explanation)"] == pytest.approx(
         text_metrics([p["groundtruth_explanation"] for p in preds], generated))
-    assert results["vs review sentence"] == pytest.approx(text_metrics([p["explanation"] for p in preds], generated))
+    assert results["HDRec (vs review sentence)"] == pytest.approx(text_metrics([p["explanation"] for p in preds], generated))
 
     run(python, script_env, "exp.py", "--data_dir", rat, "--checkpoint", ck, "--users", "40", "--task", "review")
     res = json.loads((ck / "results_review.json").read_text())
-    assert res["task"] == "review" and list(res["results"]["vs review_summary"]) == METRICS
+    assert res["task"] == "review" and list(res["results"]["HDRec (vs review_summary)"]) == METRICS
     preds = read_predictions(ck / "predictions_review.jsonl")
     assert len(preds) == len(expected) and all(p["review_summary"].endswith(p["feature"]) for p in preds)
