@@ -1,10 +1,12 @@
 """Small shared helpers: user errors, progress lines, seeding, devices, atomic files, hashing, run metadata."""
 import hashlib
 import json
+import math
 import os
 import platform
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,19 +81,45 @@ def progress_bar(iterable=None, every_seconds=60, **kwargs):
                 if total else "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]", **kwargs)
 
 
+@dataclass
+class EarlyStopping:
+    """The best validation figure so far and the validations since then without gain; training stops after
+    `endure_times` of them in a row. Lower is better: negate a figure to maximise (-NDCG@10). `best` and `endured`
+    are plain numbers, for a resumable state's JSON (json writes math.inf as Infinity and reads it back)."""
+    endure_times: int
+    best: float = math.inf
+    endured: int = 0
+
+    def improved(self, figure):
+        """Count one validation: True when `figure` is the best so far (keep that model)."""
+        if figure < self.best:
+            self.best, self.endured = figure, 0
+            return True
+        self.endured += 1
+        return False
+
+    @property
+    def stop(self):
+        return self.endured >= self.endure_times
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def pick_device(cuda=False):
-    if cuda and not torch.cuda.is_available():
-        print("--cuda given but no CUDA device is visible: running on CPU", file=sys.stderr)
-    if cuda and torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def pick_device(want=False):
+    """The device to run on. want: True or "cuda" (the scripts' --cuda): the GPU of this process (LOCAL_RANK under
+    torchrun), the CPU with a warning when none is visible; False: the CPU; None: a GPU where there is one; any
+    other string: that device."""
+    if want is None or want is True or str(want) == "cuda":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if want is not None:
+            print("--cuda given but no CUDA device is visible: running on CPU", file=sys.stderr)
+        return torch.device("cpu")
+    return torch.device(want) if want else torch.device("cpu")
 
 
 def bf16_supported(device):

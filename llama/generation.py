@@ -1,21 +1,12 @@
 """`Llama.build(...)` -> `generator.chat_completion(dialogs, ...)`: the interface of Meta's reference code, over
 any model llama.loaders understands and any backend in llama.backends."""
 import atexit
-import os
 from pathlib import Path
 
 import torch
 
 from llama import backends, loaders
-
-
-def pick_device(device=None):
-    """Under torchrun each rank takes its own GPU (LOCAL_RANK); without a GPU everything runs on CPU."""
-    if device is not None and str(device) != "cuda":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+from utils import pick_device
 
 
 def pick_dtype(device, dtype=None):

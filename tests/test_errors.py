@@ -63,6 +63,7 @@ def work(tmp_path_factory, python, script_env):
     (root / "bad_results" / "results_seq.json").write_text('{"task": "seq"')
     (root / "reviews.json").write_text('{"reviewerID": "A", "asin": "B", "overall": 5, "unixReviewTime": 1}\n'
                                        '{"reviewerID": "A", "asin": \n')
+    (root / "log.csv").write_text("user,item,timestamp\nA,B,1\nA,C,soon\n")
     with gzip.open(root / "empty.json.gz", "wt") as f:
         f.write("")
     prompts = (ROOT / "data" / "prompts.yaml").read_text()
@@ -88,6 +89,7 @@ def cases(w):
         ([*train, "--data_dir", w["empty"]], r"empty/sequential.txt: no sequences \(empty file\)"),
         ([*train, "--data_dir", w["bad_maps"]], r"bad_maps/datamaps.json:2: not valid JSON"),
         ([*train, "--data_dir", data, "--ratio", "1:2"], r"--ratio needs 4 non-negative integers"),
+        ([*train, "--data_dir", data, "--task_num", 3], r"--task_num must be 4, one prompt set per task"),
         ([*train, "--data_dir", data, "--ratio", "1:0:0:0"], r"--ratio gives the explanation task a share"),
         ([*train, "--data_dir", data, "--backbone", r / "no_t5"], r"could not load the pretrained T5 .*no_t5"),
         ([*train, "--data_dir", w["bad_titles"], "--item_ids", "semantic"], r"bad_titles/item_titles.json.*999999"),
@@ -111,6 +113,8 @@ def cases(w):
         (["data/prepare.py", "--reviews", r / "no_reviews.json", "--out", r / "p1"], r"no_reviews.json: file not found"),
         (["data/prepare.py", "--reviews", r / "reviews.json", "--out", r / "p2"], r"reviews.json: 2 bad lines .*line 2"),
         (["data/prepare.py", "--reviews", r / "empty.json.gz", "--out", r / "p3"], r"empty.json.gz: no valid reviews"),
+        (["data/prepare.py", "--interactions", r / "log.csv", "--out", r / "p4"],
+         r"log.csv:3: timestamp 'soon' is not a number"),
         (["data/distill.py", "--data_dir", r / "not_a_dataset"], r"not_a_dataset/explanation.json: not found"),
         (["data/distill.py", "--data_dir", r / "toys", "--prompts", r / "prompts_unknown.yaml"],
          r"prompts_unknown.yaml: prompt 'preference_attributes' \(user\) uses \['price'\]"),

@@ -35,3 +35,15 @@ def test_progress_without_a_total_counts(capsys):
 def test_disabled_progress_writes_nothing(capsys):
     assert list(progress_bar(range(5), disable=True)) == list(range(5))
     assert capsys.readouterr().err == ""
+
+
+def test_early_stopping_counts_validations_without_gain_and_survives_json():
+    import json
+    from utils import EarlyStopping
+    stopping = EarlyStopping(endure_times=2)
+    assert [stopping.improved(x) for x in (3.0, 2.0, 2.0)] == [True, True, False] and not stopping.stop
+    assert stopping.improved(1.0) and stopping.endured == 0              # a gain starts the count again
+    assert not stopping.improved(1.5) and not stopping.improved(1.0) and stopping.stop
+    saved = json.loads(json.dumps({"best": EarlyStopping(2).best, "endured": 0}))      # inf before any validation
+    resumed = EarlyStopping(3, saved["best"], saved["endured"])
+    assert resumed.improved(1e9) and not resumed.stop

@@ -1,0 +1,58 @@
+"""pretrain.py's flags, without training: the recipes fill in what the command line leaves out (and say so in
+--help), the combinations that cannot work are one-line errors, the validation points and the learning-rate
+schedule. Training itself: test_pipeline.py, test_kill.py, test_learning.py."""
+import pytest
+
+import pretrain
+from utils import UserError
+
+
+def flags(*argv):
+    return pretrain.resolve_recipe(pretrain.parse_args(["--data_dir", "d", *argv]))
+
+
+@pytest.mark.parametrize("recipe", list(pretrain.RECIPES))
+def test_a_recipe_sets_every_flag_it_names_unless_given(recipe):
+    args = flags("--recipe", recipe)
+    for flag, value in pretrain.RECIPES[recipe].items():
+        if flag != "item_init":
+            assert getattr(args, flag) == value
+    assert args.item_init == ("cooc" if recipe == "learn" else "random")      # auto resolved at once
+    pretrain.check_args(args)                                                # each recipe is consistent
+    explicit = flags("--recipe", recipe, "--lr", "0.02", "--stop_on", "loss", "--dropout", "0")
+    assert (explicit.lr, explicit.stop_on, explicit.dropout) == (0.02, "loss", 0.0)
+
+
+def test_item_init_auto_is_random_where_items_are_not_one_token():
+    assert flags("--item_ids", "collaborative").item_init == "random"
+    assert flags("--recipe", "paper", "--item_init", "auto").item_init == "random"
+    assert flags("--item_ids", "published").item_init == "cooc"
+
+
+def test_help_says_what_each_recipe_gives(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in pretrain.RECIPES["learn"]:
+        assert pretrain.by_recipe(flag) in text, flag
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ratio", "1:2"], "--ratio needs 4 non-negative integers"),
+    (["--ratio", "a:b:c:d"], "--ratio needs 4 non-negative integers"),
+    (["--task_num", "3"], "--task_num must be 4"),
+    (["--id_tokens", "pieces"], "--history decoder reads items one after another"),
+    (["--recipe", "paper", "--item_init", "cooc"], "--item_init cooc sets one embedding row per item"),
+    (["--item_ids", "semantic", "--item_init", "cooc"], "--item_ids semantic gives every code level"),
+])
+def test_flags_that_cannot_work_are_user_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        pretrain.check_args(flags(*argv))
+
+
+def test_validation_points_and_learning_rate_schedule():
+    assert pretrain.validation_points(10, 0) == {10}
+    assert pretrain.validation_points(10, 4) == {4, 8, 10}
+    assert pretrain.validation_points(10, 3) == {3, 6, 10}          # 9: less than half an interval before the end
+    args = flags("--lr", "1.0", "--warmup_steps", "2", "--lr_decay", "linear", "--epochs", "2")
+    assert [pretrain.lr_at(s, 3, args) for s in range(6)] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
