@@ -156,7 +156,7 @@ def train(model, ds, args, device, out_dir, log=print):
                "sequences_per_second": round(seen / seconds, 2), "temperature": 1 / model.scale().item(),
                **{f"val_{k}": v for k, v in val.items()}}
         history.append(row)
-        log(f"epoch {epoch}: loss {row['train_loss']:.4f}, val Recall@10 {val['Recall@10']:.4f} "
+        log(f"epoch {epoch}: loss {row['train_loss']:.4f}, val HR@10 {val['HR@10']:.4f} "
             f"NDCG@10 {val['NDCG@10']:.4f} ({seconds:.0f}s, {row['sequences_per_second']} seq/s)")
         if stopping.improved(-val["NDCG@10"]):
             save_user_llm(model, out_dir, model.mode, {"max_seq_len": args.max_seq_len, "loss": args.loss,

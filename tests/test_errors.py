@@ -132,7 +132,7 @@ def cases(w):
          r"nowhere/sequential.txt: file not found"),
         (["scripts/repeat.py", "compare", r / "bad_results" / "results_seq.json", "--vs_rule", "co_occurrence"],
          r"bad_results/results_seq.json:1: not valid JSON"),
-        (["scripts/compare.py", ckpt / "config.json"], r"config.json: neither a seq.py nor an hllm/main.py results file"),
+        (["scripts/compare.py", ckpt / "config.json"], r"config.json: not a results file"),
         (["hllm/item_caching.py", "--data_dir", w["bad_id"], "--out", r / "cache.safetensors"],
          r"bad_id/sequential.txt:3: non-integer id"),
     ]

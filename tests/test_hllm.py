@@ -255,7 +255,7 @@ def test_end_to_end_cache_train_eval(tiny, tmp_path, capsys):
               "--item_cache_path", str(cache), "--user_pretrain_dir", tiny["user_llm"],
               "--item_pretrain_dir", tiny["item_llm"], "--seed", "3"]
     base = hllm_main.main(common + ["--val_only", "True", "--out", str(tmp_path / "base")])
-    assert cache.exists() and base["mode"] == "none"  # the missing cache was built first
+    assert cache.exists() and base["details"]["mode"] == "none"  # the missing cache was built first
     built = cache.stat().st_mtime_ns
     capsys.readouterr()
     hllm_main.main(common + ["--val_only", "True", "--out", str(tmp_path / "base")])
@@ -278,7 +278,7 @@ def test_end_to_end_cache_train_eval(tiny, tmp_path, capsys):
     assert len(saved["training"]["log"]) == 1 and set(saved["details"]["validation"]) == {
         "HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"}
     model = saved["model"]
-    assert model == "HSFT fine-tuned (lora, nce)" and saved["protocol"] == "full ranking, history excluded"
+    assert model == "HSFT fine-tuned (lora, bce)" and saved["protocol"] == "full ranking, history excluded"
     assert saved["details"]["item_cache"]["text_source"] == "summary"
     assert (tmp_path / "ft" / "user_llm" / "adapter_model.safetensors").exists()
     assert saved["results"][model]["HR@20"] == 1.0  # 5 items: every target is within the top 20
