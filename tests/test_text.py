@@ -15,9 +15,10 @@ import subprocess
 import pytest
 
 import tasks
-from dataset import DataError, load_dataset, random_item_permutation, renumber_items
+from dataset import DataError, Dataset, load_dataset, random_item_permutation, renumber_items
 from evaluation import eval_users
 from metrics import bleu, feature_metrics, rouge, text_metrics
+from text_rules import text_rules, variety, variety_warning
 
 from conftest import ROOT, SHARED_DATA, quiet
 
@@ -144,6 +145,29 @@ def gift(gift_dir):
 @pytest.fixture(scope="module")
 def gift_rationale(gift_dir, tmp_path_factory):
     return load_dataset(with_rationale(gift_dir, tmp_path_factory.mktemp("rat") / "data"), log=quiet)
+
+
+def test_text_rules_retrieve_training_texts_by_hand():
+    records = {"train": {1: [{"user": 1, "item": 5, "explanation": "a"}, {"user": 1, "item": 6, "explanation": "b"}],
+                         2: [{"user": 2, "item": 5, "explanation": "c"}, {"user": 2, "item": 5, "explanation": "c"},
+                             {"user": 2, "item": 7, "explanation": "b"}]},
+               "test": {3: [{"user": 3, "item": 9, "explanation": "z"}]}}
+    ds = Dataset(data_dir=None, sequences={}, num_items=9, negatives={}, id2user={}, id2item={}, records=records)
+    rules = text_rules(ds, "explanation")
+    # overall: b and c twice each, b first in file order; item 5: c twice, a once; user 1's last text: b
+    assert rules["most_frequent"]({"user": 3, "item": 9}) == "b"
+    assert rules["item_most_frequent"]({"user": 3, "item": 5}) == "c"
+    assert rules["item_most_frequent"]({"user": 3, "item": 9}) == "b"          # no training text: the overall rule
+    assert rules["user_most_recent"]({"user": 1, "item": 9}) == "b"
+    assert rules["user_most_recent"]({"user": 3, "item": 9}) == "b"
+
+
+def test_variety_and_its_warning():
+    looped = ["g g g g", "g g g g", "g g g g", "a fine gift"]
+    v = variety(looped)
+    assert v == {"distinct": 0.5, "one_word_repeated": 0.75, "most_frequent_share": 0.75}
+    assert "WARNING: the generated texts barely vary" in variety_warning(v)
+    assert variety_warning(variety(["a fine gift", "easy to use", "a fine gift", "works"])) is None   # half: not most
 
 
 def test_records_are_grouped_by_split_and_user(gift, gift_dir):
@@ -312,7 +336,13 @@ def test_exp_end_to_end(gift_dir, tmp_path, python, script_env):
     assert res["task"] == "exp" and res["users"] == 40 and res["all_users"] == len(ds.users)
     results = res["results"]
     assert res["format"] == "hdrec-results/2" and res["model"] == "HDRec (vs review sentence)"
-    assert list(results) == ["HDRec (vs review sentence)"] and list(results["HDRec (vs review sentence)"]) == METRICS
+    assert [k for k in results if k.startswith("HDRec")] == ["HDRec (vs review sentence)"] and list(results["HDRec (vs review sentence)"]) == METRICS
+    # the text rules on the same records, scored the same way (a rule copies training sentences)
+    rules = text_rules(ds, "explanation")
+    for rule, answer in rules.items():
+        assert results[f"{rule} (vs review sentence)"] == pytest.approx(
+            text_metrics([p["explanation"] for p in preds], [answer(r) for r in expected]))
+    assert set(res["details"]["variety"]) == {"HDRec", *rules}
     generated = [p["generated"] for p in preds]
     assert results["HDRec (vs review sentence)"] == pytest.approx(text_metrics([p["explanation"] for p in preds], generated))
     vocab = {r["feature"] for by_user in ds.records.values() for rs in by_user.values() for r in rs}
@@ -324,7 +354,7 @@ def test_exp_end_to_end(gift_dir, tmp_path, python, script_env):
     out = run(python, script_env, "exp.py", "--data_dir", rat, "--checkpoint", ck, "--users", "40").stdout
     assert "vs review sentence" in out and "vs LLM explanation" in out
     results = json.loads((ck / "results_exp.json").read_text())["results"]
-    assert list(results) == ["HDRec (vs review sentence)", "HDRec (vs LLM explanation)"]
+    assert [k for k in results if k.startswith("HDRec")] == ["HDRec (vs review sentence)", "HDRec (vs LLM explanation)"]
     preds = read_predictions(ck / "predictions_exp.jsonl")
     assert len(preds) == len(expected) and all(p["groundtruth_explanation"].startswith("the user likes") for p in preds)
     generated = [p["generated"] for p in preds]
