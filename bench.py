@@ -50,7 +50,7 @@ def run_phase(phase, work):
     import torch
     import tasks
     from dataset import load_dataset
-    from evaluation import rank_topn, recommend_next
+    from evaluation import rank_next, rank_topn
     from module import HDRec, backward_batch, from_scratch_t5, train_tokenizer
     from transformers import AutoTokenizer
     from utils import bf16_supported, seed_everything
@@ -104,11 +104,11 @@ def run_phase(phase, work):
         users = sorted(random.Random(f"{args.seed}-bench").sample(ds.users, min(args.eval_users, len(ds.users))))
         start = time.time()
         if phase == "seq":
-            recommend_next(model, tokenizer, encoder, ds, users, args.protocol, batch_size=args.eval_batch_size,
-                           seed=args.seed, progress=False, history=args.history)
-        else:
-            rank_topn(model, tokenizer, encoder, ds, users, args.protocol, batch_size=args.eval_batch_size,
+            rank_next(model, tokenizer, encoder, ds, users, args.protocol, batch_size=args.eval_batch_size,
                       seed=args.seed, progress=False, history=args.history)
+        else:       # the model alone: no reference rules
+            rank_topn(model, tokenizer, encoder, ds, users, args.protocol, batch_size=args.eval_batch_size,
+                      seed=args.seed, progress=False, history=args.history, rules={})
         out.update(users_per_s=len(users) / (time.time() - start), users=len(users), protocol=args.protocol)
     out.update(peak_rss_mb=peak_mb(), rss_before_phase_mb=base_mb)
     print(json.dumps(out))
