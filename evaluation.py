@@ -132,8 +132,10 @@ def training_summary(checkpoint, meta):
 
 def write_run_results(args, task, meta, ds, users, started, **fields):
     """results_{task}[_paper].json in the checkpoint dir, in the one results format (results.py)."""
-    path = Path(args.checkpoint) / f"results_{task}{'_paper' if getattr(args, 'protocol', 'clean') == 'paper' else ''}.json"
-    return write_results(path, task=task, ds=ds, users=users, started=started, item_ids=meta.get("item_ids", "published"),
+    paper = getattr(args, "protocol", "clean") == "paper"
+    path = Path(args.checkpoint) / f"results_{task}{'_paper' if paper else ''}.json"
+    return write_results(path, task=task, ds=ds, users=users, started=started,
+                         item_ids=meta.get("item_ids", "published"),
                          training=training_summary(args.checkpoint, meta), config=vars(args),
                          train_config=meta.get("args"), backbone=meta.get("backbone"), **fields)
 

@@ -253,16 +253,25 @@ def choose_setting(ds, name, log=print):
     return max(grid, key=lambda v: (figures[v], -grid.index(v))), figures
 
 
-def rule_cache(ds, log=print):
-    """{rule: {setting, validation figures, val, test}} of every rule but the leak rule, for all users in file
-    order: read from cache/rules/<hash of sequential.txt>.json, the rules missing there (or with another grid)
-    computed (EASE: a few minutes on beauty) and written."""
-    data_hash = ds.hashes.get("sequential.txt")
-    path = CACHE / f"{(data_hash or 'unhashed')[:16]}.json"
+def cache_path(ds):
+    return CACHE / f"{(ds.hashes.get('sequential.txt') or 'unhashed')[:16]}.json"
+
+
+def cached_rules(ds):
+    """The rules cache/rules/ holds for this data (with the grids of this version), fitted or not now."""
+    path, data_hash = cache_path(ds), ds.hashes.get("sequential.txt")
     cached = json.loads(path.read_text()) if data_hash and path.exists() else {}
     rules = cached.get("rules", {}) if cached.get("sequential.txt") == data_hash else {}
-    todo = [name for name in RULE_NAMES if name not in LEAK_RULES
-            and (name not in rules or rules[name].get("grid") != GRIDS.get(name))]
+    return {name: entry for name, entry in rules.items() if entry.get("grid") == GRIDS.get(name)}
+
+
+def rule_cache(ds, log=print, names=None):
+    """{rule: {setting, validation figures, val, test}} of every rule but the leak rule (or of `names`), for all
+    users in file order: read from cache/rules/<hash of sequential.txt>.json, the rules missing there computed
+    (EASE: 15 CPU minutes on beauty, once) and written."""
+    data_hash, path = ds.hashes.get("sequential.txt"), cache_path(ds)
+    rules = cached_rules(ds)
+    todo = [name for name in (names or RULE_NAMES) if name not in LEAK_RULES and name not in rules]
     if not todo:
         return rules
     log(f"reference rules: fitting {', '.join(todo)} on the training parts of {ds.data_dir} (once; cached in {path})")
@@ -290,8 +299,8 @@ def rule_cache(ds, log=print):
 
 def rule_ranks(ds, users, split="test", names=None, log=print):
     """{rule: ranks of `users`' `split` targets}, every rule by its one definition (names: a subset)."""
-    names = [n for n in (names or RULE_NAMES)]
-    cache = rule_cache(ds, log) if any(n not in LEAK_RULES for n in names) else {}
+    names = list(names or RULE_NAMES)
+    cache = rule_cache(ds, log, names) if any(n not in LEAK_RULES for n in names) else {}
     index = {u: i for i, u in enumerate(ds.sequences)}
     out = {}
     for name in names:

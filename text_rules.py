@@ -22,7 +22,8 @@ def text_rules(ds, field):
     for r in train:
         by_item.setdefault(r["item"], Counter())[r[field]] += 1
         by_user[r["user"]] = r[field]
-    return {"item_most_frequent": lambda r: by_item[r["item"]].most_common(1)[0][0] if r["item"] in by_item else overall,
+    return {"item_most_frequent":
+            lambda r: by_item[r["item"]].most_common(1)[0][0] if r["item"] in by_item else overall,
             "user_most_recent": lambda r: by_user.get(r["user"], overall),
             "most_frequent": lambda r: overall}
 

@@ -38,7 +38,8 @@ def model_row(path):
     train_cfg = r.get("train_config") or {}
     name = r["model"]
     if r.get("backbone"):          # the T5 (seq.py): named by what was trained
-        name = f"T5 {r['backbone']} ({train_cfg.get('recipe', '?')} recipe, history in the {train_cfg.get('history', '?')})"
+        name = (f"T5 {r['backbone']} ({train_cfg.get('recipe', '?')} recipe, "
+                f"history in the {train_cfg.get('history', '?')})")
     details = {"minutes": (r.get("training") or {}).get("minutes"), "ids": r.get("item_ids"),
                "seed": train_cfg.get("seed", (r.get("config") or {}).get("seed")),
                "protocol": FULL_RANKING + (f", top-{r['list_length']} lists" if r.get("list_length") else ""),
@@ -67,8 +68,8 @@ def table(paths):
         raise UserError(f"{other}: its sequential.txt differs from {first}'s: the runs used different splits")
     for rule, label in RULE_NAMES.items():
         if rule in rules:
-            rows.append((f"{label} (no training)", {"minutes": 0.0, "ids": "any", "seed": None, "protocol": FULL_RANKING},
-                         rules[rule][0], None))
+            rows.append((f"{label} (no training)",
+                         {"minutes": 0.0, "ids": "any", "seed": None, "protocol": FULL_RANKING}, rules[rule][0], None))
     return rows
 
 

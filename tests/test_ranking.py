@@ -140,3 +140,12 @@ def test_rule_ranks_do_not_depend_on_the_item_ids(slice_ds, tmp_path, monkeypatc
             assert published[rule] != renumbered[rule]         # the leak rule reads the ids: that is its point
         else:
             assert published[rule] == renumbered[rule], rule
+
+
+def test_only_the_rules_asked_for_are_fitted(slice_ds, tmp_path, monkeypatch):
+    monkeypatch.setattr(ranking, "CACHE", tmp_path / "rules")
+    monkeypatch.setitem(ranking.RULES, "ease", lambda *a: pytest.fail("fitted EASE, which nobody asked for"))
+    users = list(slice_ds.sequences)[:10]
+    cheap = ranking.rule_ranks(slice_ds, users, "val", names=["most_popular", "co_occurrence"], log=quiet)
+    assert set(cheap) == {"most_popular", "co_occurrence"}
+    assert set(ranking.cached_rules(slice_ds)) == {"most_popular", "co_occurrence"}
