@@ -39,7 +39,8 @@ def write_results(path, *, task, protocol, model, ds, users, rows=None, ranks=No
     """Write one results file atomically; rows default to rank_rows(model, ranks, reference_ranks, list_length)."""
     if rows is None:
         rows = rank_rows(model, ranks, reference_ranks, list_length)
-    clip = (lambda rs: [-1 if r is None or r < 0 or (list_length and r >= list_length) else int(r) for r in rs])
+    # -1: not ranked (past the model's list; the rules rank every item)
+    clip = (lambda rs, length=None: [-1 if r is None or r < 0 or (length and r >= length) else int(r) for r in rs])
     record = {"format": FORMAT, "task": task, "protocol": protocol, "model": model, "results": rows,
               "list_length": list_length, "users": len(users), "all_users": len(ds.sequences), "item_ids": item_ids,
               "details": details or {}, "rule_settings": rule_settings or {}, "training": training or {},
@@ -47,7 +48,7 @@ def write_results(path, *, task, protocol, model, ds, users, rows=None, ranks=No
               "versions": {**versions(), **more.pop("versions", {})},
               "seconds": time.time() - started if started else None, **more}
     if ranks is not None:
-        record.update({"user_ids": list(users), "ranks": clip(ranks),
+        record.update({"user_ids": list(users), "ranks": clip(ranks, list_length),
                        "reference_ranks": {rule: clip(r) for rule, r in (reference_ranks or {}).items()}})
     atomic_write_json(path, record)
     print(f"\nwritten {path}")
