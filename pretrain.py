@@ -36,7 +36,7 @@ from evaluation import rank_next
 from metrics import ranking_metrics
 from module import HDRec, SIZES, add_id_tokens, backward_batch, from_scratch_t5, init_item_embeddings, \
     load_checkpoint, load_pretrained, resolve_backbone, set_dropout, save_checkpoint, train_tokenizer
-from ranking import GRIDS, LEAK_RULES, RULE_NAMES, cached_rules, rule_ranks
+from ranking import GRIDS, LEAK_RULES, RULE_NAMES, rule_ranks
 from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, pick_device, progress_bar,
                    report_user_errors, seed_everything, versions)
 
@@ -381,11 +381,10 @@ def validation_batches(run):
 
 
 def reference_ranking(ds, users):
-    """The reference rules of the evaluation core (ranking.py: fitted on the training parts, settings chosen on
-    validation) on the ranked users' validation items, for the curve: the cheap ones always, EASE and item kNN where
-    an evaluation has cached them (fitting them would hold up training for minutes on a large catalogue)."""
-    cached = cached_rules(ds)
-    names = [rule for rule in RULE_NAMES if rule not in LEAK_RULES and (rule not in GRIDS or rule in cached)]
+    """The reference rules of the evaluation core (ranking.py, fitted on the training parts) on the ranked users'
+    validation items, for the curve: those without a setting to choose (EASE and item kNN would hold training up
+    for minutes on a large catalogue; seq.py ranks them beside the model)."""
+    names = [rule for rule in RULE_NAMES if rule not in LEAK_RULES and rule not in GRIDS]
     return {rule: ranking_metrics(ranks) for rule, ranks in rule_ranks(ds, users, "val", names, log).items()}
 
 
