@@ -34,7 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from cooccurrence import cooc_scores, cooccurrence
+from cooccurrence import RECENT, WINDOW, cooc_scores, cooccurrence
 from dataset import renumber_items
 from metrics import ranking_metrics
 from utils import atomic_write_json
@@ -232,7 +232,7 @@ def max_history_plus_1(ds):
 
 RULES = {"most_popular": most_popular, "recent_popular": recent_popular, "co_occurrence": co_occurrence,
          "item_knn": item_knn, "ease": ease, "max_history_plus_1": max_history_plus_1}
-FIXED_SETTINGS = {"co_occurrence": {"window": 3, "recent": 3}}
+FIXED_SETTINGS = {"co_occurrence": {"window": WINDOW, "recent": RECENT}}
 
 
 def fit_rule(ds, name, setting=None):

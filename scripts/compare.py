@@ -51,8 +51,9 @@ def model_row(path):
     return (name, details, figures), rules, r
 
 
-def same_rule(path_a, path_b, rule):
-    a, b = read_results(path_a), read_results(path_b)
+def same_rule(a, b, rule):
+    """Whether two results files rank `rule` alike: the same per-user ranks (figures may differ in the last bit
+    between numpy versions), or the same figures where a file has no ranks."""
     ranks_a, ranks_b = (r.get("reference_ranks", {}).get(rule) for r in (a, b))
     if ranks_a is not None and ranks_b is not None:
         return ranks_a == ranks_b
@@ -61,16 +62,16 @@ def same_rule(path_a, path_b, rule):
 
 
 def table(paths):
-    rows, rules, hashes, users = [], {}, {}, {}
+    rows, rules, hashes, records = [], {}, {}, {}
     for path in paths:
         (name, details, figs), their_rules, r = model_row(path)
         rows.append((name, details, figs, path))
         hashes[path] = (r.get("data_hashes") or {}).get("sequential.txt")
-        users[path] = tuple(r.get("user_ids") or ())
+        records[path] = r
         for rule, rule_figs in their_rules.items():
             seen = rules.setdefault(rule, (rule_figs, path))
-            # the same users: the same per-user ranks (figures may differ in the last bit between numpy versions)
-            if users[seen[1]] == users[path] and not same_rule(seen[1], path, rule):
+            first = records[seen[1]]
+            if first.get("user_ids") == r.get("user_ids") and not same_rule(first, r, rule):
                 raise UserError(f"{path}: its {rule} figures differ from {seen[1]}'s on the same users: the files "
                                 "were written by different rule definitions; rerun the older evaluation")
     if len(set(hashes.values())) > 1:
