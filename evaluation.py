@@ -12,7 +12,7 @@ import torch
 
 import tasks
 from dataset import load_dataset, renumber_items
-from module import ItemTrie, TrieConstraint, load_checkpoint, parse_item
+from module import ItemTrie, TrieConstraint, load_checkpoint, parse_item, task_best_dir
 from ranking import (RULE_NAMES, candidate_scores, eval_cases, list_scores, rank_targets, rule_scores,
                      top_lists)
 from results import write_results
@@ -42,11 +42,24 @@ def parser(description, beams=False):
     return p
 
 
-def load_run(args):
-    """The trained model, its tokenizer and metadata, and the dataset with the checkpoint's item ids."""
+def task_checkpoint(checkpoint, task):
+    """The folder `task`'s evaluation reads its model from, said on stdout: best_<task>/ where pretrain.py kept one
+    (a multi-task run in which the task peaked at another validation than the top-level model), else the run's
+    folder (the best model by --stop_on)."""
+    own = task_best_dir(checkpoint, task)
+    if (own / "model.safetensors").exists():
+        print(f"model: {own} (the {task} task's own best validation)")
+        return own
+    print(f"model: {checkpoint} (the run's best model by its --stop_on figure)")
+    return Path(checkpoint)
+
+
+def load_run(args, model_dir=None):
+    """The trained model, its tokenizer and metadata, and the dataset with the checkpoint's item ids. model_dir: the
+    folder to read the model from (task_checkpoint), by default the run's folder, --checkpoint."""
     seed_everything(args.seed)
     device = pick_device(args.cuda)
-    model, tokenizer, meta = load_checkpoint(args.checkpoint, device)
+    model, tokenizer, meta = load_checkpoint(model_dir or args.checkpoint, device)
     ds = load_dataset(args.data_dir, log=lambda m: print(m, file=sys.stderr))
     changed = [f for f, h in meta.get("data_hashes", {}).items() if ds.hashes.get(f) != h]
     if changed:

@@ -8,14 +8,17 @@ reported separately and not comparable with each other — plus the feature-leve
 the model, on the same records: the text rules of text_rules.py (the item's most frequent training text, the user's
 most recent, the most frequent overall), and how varied each one's texts are, with a loud warning when most
 generated texts are the same.
-Predictions go to predictions_exp.jsonl, metrics to results_exp.json in the checkpoint dir.
+The model is the task's own best (best_explanation/ or best_review/ in the checkpoint dir, where pretrain.py kept
+one), else the run's best model; the output and the results file (checkpoint_read) say which.
+Predictions go to predictions_exp.jsonl (predictions_review.jsonl), metrics to results_exp.json (results_review.json)
+in the checkpoint dir.
 """
 import json
 import time
 from pathlib import Path
 
 import tasks
-from evaluation import autocast, batches, eval_users, load_run, parser, write_run_results
+from evaluation import autocast, batches, eval_users, load_run, parser, task_checkpoint, write_run_results
 from metrics import feature_metrics, text_metrics
 from results import print_table
 from text_rules import text_rules, variety, variety_warning
@@ -37,7 +40,8 @@ p.add_argument("--repetition_penalty", type=float, default=1.0,
 args = p.parse_args()
 started = time.time()
 
-model, tokenizer, meta, ds, encoder, device = load_run(args)
+model_dir = task_checkpoint(args.checkpoint, args.task)    # best_<task>/ where pretrain.py kept the task's own best
+model, tokenizer, meta, ds, encoder, device = load_run(args, model_dir)
 if not ds.records or not ds.records.get("test"):
     raise UserError(f"{args.data_dir}: no test review records (explanation.json / explanation_rationale.json "
                     "with a 'test' list); make them with data/prepare.py")
@@ -103,4 +107,5 @@ pred_path = Path(args.checkpoint) / f"predictions_{'exp' if args.task == 'explan
 atomic_write_text(pred_path, "\n".join(lines) + "\n")
 print(f"predictions: {pred_path}")
 write_run_results(args, "exp" if args.task == "explanation" else "review", meta, ds, sorted(users), started,
-                  protocol="generated text", model=next(iter(rows)), rows=rows, details=details)
+                  protocol="generated text", model=next(iter(rows)), rows=rows, details=details,
+                  checkpoint_read=str(model_dir))

@@ -7,6 +7,7 @@ not-yet-bought item ids with a prefix trie over their token sequences.
 """
 import io
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -340,6 +341,25 @@ def save_checkpoint(model, tokenizer, out_dir, meta, spm_model=None):
     if spm_model is not None:
         (out_dir / "tokenizer" / "spm.model").write_bytes(spm_model)
     atomic_write_json(out_dir / "config.json", {"t5": model.t5.config.to_dict(), "hdrec": meta})
+
+
+def task_best_dir(checkpoint, task):
+    """best_<task>/ in a run's folder: the model at `task`'s own best validation, where pretrain.py keeps one (a
+    multi-task run whose task peaked at another validation than the top-level model)."""
+    return Path(checkpoint) / f"best_{task}"
+
+
+def copy_checkpoint(src, dst):
+    """The files save_checkpoint writes in `src`, copied to a new folder `dst` (built beside it, then renamed)."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(src / "model.safetensors", tmp / "model.safetensors")
+    shutil.copy2(src / "config.json", tmp / "config.json")
+    shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
 
 
 def load_checkpoint(ckpt_dir, device="cpu"):

@@ -6,9 +6,19 @@
 Every --val_every steps (default: once an epoch) the model is validated: the loss of every task, and the ranking of
 every item for a fixed seeded sample of validation users (--rank_users). The best model is kept in the checkpoint dir
 (safetensors + config.json + tokenizer/): by validation NDCG@10 of the ranked users by default (--stop_on ndcg, the
-learn recipe), by the mean validation loss under --recipe paper; training stops after --endure_times validations
-without gain. The training state is saved atomically every --save_minutes, and a rerun with the same --checkpoint
-resumes from it.
+learn recipe), by the mean validation loss under --recipe paper; seq.py reads it.
+
+A single-task run stops after --endure_times validations without gain in that figure. A multi-task run gives every
+task a figure of its own: NDCG@10 of the ranked users for the sequential task (its loss when no user is ranked), the
+validation token loss for the text tasks (explanation, review) and top-N (cheap, and it keeps falling while a text
+task still learns to write); it stops when NO task has gained for --endure_times validations (or at --max_minutes /
+--epochs), and keeps each task's own best: a text task still learning must not be cut off by the ranking task, nor
+the ranking model replaced by a later, overfitted one. So the top-level model stays the best by --stop_on, and a
+task whose own best came at another validation has its model in best_<task>/ (same format), which exp.py (explanation,
+review) and topn.py read where it exists.
+
+The training state (per-task stopping counts included) is saved atomically every --save_minutes, and a rerun with the
+same --checkpoint resumes from it.
 
 Reading order: the flags and the recipes that set their defaults; the processes; building the data, the model and the
 optimizer; validation; the training loop; saving and resuming; main(), which calls them in that order.
@@ -34,8 +44,9 @@ from dataset import load_dataset, renumber_items
 from item_codes import CODE_SCHEMES, SCHEMES, item_codes, item_map_for, parse_branching
 from evaluation import rank_next
 from metrics import ranking_metrics
-from module import HDRec, SIZES, add_id_tokens, backward_batch, from_scratch_t5, init_item_embeddings, \
-    load_checkpoint, load_pretrained, resolve_backbone, set_dropout, save_checkpoint, train_tokenizer
+from module import HDRec, SIZES, add_id_tokens, backward_batch, copy_checkpoint, from_scratch_t5, \
+    init_item_embeddings, load_checkpoint, load_pretrained, resolve_backbone, set_dropout, save_checkpoint, \
+    task_best_dir, train_tokenizer
 from ranking import GRIDS, LEAK_RULES, RULE_NAMES, rule_ranks
 from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, pick_device, progress_bar,
                    report_user_errors, seed_everything, versions)
@@ -107,7 +118,11 @@ def parse_args(argv=None):
                         help=f"the backbone's dropout rate (T5's own: 0.1); {by_recipe('dropout')}")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--endure_times", type=int, default=5, help="stop after this many validations without gain")
+    parser.add_argument("--endure_times", type=int, default=5,
+                        help="stop after this many validations without gain: in the --stop_on figure for a single "
+                             "task; for several, when no task has gained for this many (each task's own figure: "
+                             "NDCG@10 for sequential, the validation token loss for the text tasks and topn; "
+                             "best_<task>/ keeps a task's best model where it is not the top-level one)")
     parser.add_argument("--negative_num", type=int, default=99, help="negatives per top-N training sample")
     parser.add_argument("--exp_len", type=int, default=20, help="explanation length in tokens")
     parser.add_argument("--explanation_target", choices=["auto", "llm", "review"], default="auto",
@@ -119,9 +134,9 @@ def parse_args(argv=None):
                         help="at every validation, rank all items for a fixed seeded sample of N validation users "
                              "(sequential task, clean protocol) and log HR@10 / NDCG@10 (0: off)")
     parser.add_argument("--stop_on", choices=["ndcg", "loss"], default=None,
-                        help="what keeps the best model and stops early: validation NDCG@10 of the ranked users "
-                             "(needs --rank_users and the sequential task) or the mean validation loss; "
-                             f"{by_recipe('stop_on')}")
+                        help="what keeps the best model (the top-level one in --checkpoint) and, for a single "
+                             "task, stops early: validation NDCG@10 of the ranked users (needs --rank_users and the "
+                             f"sequential task) or the mean validation loss; {by_recipe('stop_on')}")
     parser.add_argument("--max_minutes", type=float, default=0,
                         help="stop training after this many minutes (0: no limit)")
     parser.add_argument("--save_minutes", type=float, default=10, help="save the resumable state this often")
@@ -484,15 +499,88 @@ class Progress:
     epoch: int                      # the epoch and step to go on from
     step: int
     rng: random.Random              # this process's sampling RNG
-    stopping: EarlyStopping
+    stopping: EarlyStopping         # the --stop_on figure: the top-level model (and a single task's stop)
     history: list                   # train_log.json: one record per validation
     samples: int = 0                # training samples seen, all processes together
     train_sums: dict = field(default_factory=dict)  # task -> [summed loss, steps] since the last validation
     minutes_before: float = 0.0     # trained by earlier processes of this run
     started: float = field(default_factory=time.time)
+    task_stopping: dict = field(default_factory=dict)   # task -> its own EarlyStopping; empty for a single task
 
     def minutes(self):
         return self.minutes_before + (time.time() - self.started) / 60
+
+    @property
+    def stop(self):
+        """A single task stops on the --stop_on figure; several tasks when none has gained for --endure_times."""
+        if self.task_stopping:
+            return all(s.stop for s in self.task_stopping.values())
+        return self.stopping.stop
+
+
+def task_stoppers(val_tasks, endure_times, saved=None):
+    """{task: EarlyStopping} of a multi-task run, one for each task with validation samples ({} for a single task:
+    its one figure is --stop_on's). saved: a resumed state's {task: [best, endured]}."""
+    if len(val_tasks) < 2:
+        return {}
+    saved = saved or {}
+    return {task: EarlyStopping(endure_times, *saved.get(task, (math.inf, 0))) for task in val_tasks}
+
+
+def task_figure(task, losses, ranking):
+    """(name, value) of a task's own validation figure: NDCG@10 of the ranked users for the sequential task (its
+    loss where none is ranked); the validation token loss for the others (the text tasks' figure: cheap, and it
+    keeps falling while a text task learns to write)."""
+    if task == "sequential" and ranking:
+        return "NDCG@10", ranking["NDCG@10"]
+    return "loss", losses[task]
+
+
+def count_validation(progress, top_figure, figures):
+    """Count one validation in every EarlyStopping (figures: lower is better, {task: figure} for the tasks of
+    progress.task_stopping): (whether the --stop_on figure gained, {task: whether it gained})."""
+    top_gained = progress.stopping.improved(top_figure)
+    return top_gained, {task: stopping.improved(figures[task]) for task, stopping in progress.task_stopping.items()}
+
+
+def keep_best_models(run, progress, top_gained, gained, record):
+    """Save what this validation's gains call for (main process): the top-level model when the --stop_on figure
+    gained; best_<task>/ when a task gained and the top level did not. What stays true: a task's best model is in
+    best_<task>/, or (no such folder) it is the top-level one. So before the top-level model is replaced, each task
+    whose best it holds gets a copy; a task that gains with it drops its folder."""
+    if run.rank != 0:
+        return
+    meta = {**run.meta, "best": record}
+    if top_gained:
+        for task, stopping in progress.task_stopping.items():
+            folder = task_best_dir(run.out, task)
+            if not gained[task] and math.isfinite(stopping.best) and not folder.exists():
+                copy_checkpoint(run.out, folder)
+        save_checkpoint(run.model, run.tokenizer, run.out, meta, run.spm_model)
+    for task in (t for t, g in gained.items() if g):
+        if top_gained:
+            shutil.rmtree(task_best_dir(run.out, task), ignore_errors=True)
+        else:
+            save_checkpoint(run.model, run.tokenizer, task_best_dir(run.out, task), meta, run.spm_model)
+
+
+def stopping_line(args, progress, figures):
+    """The validation log line's account of stopping: the --stop_on figure's best and, for several tasks, each task's
+    figure and its validations without gain (figures: {task: (name, value)})."""
+    best = f" | best {args.stop_on} {abs(progress.stopping.best):.4f}"
+    if not progress.task_stopping:
+        return best + f", {progress.stopping.endured}/{args.endure_times} without gain"
+    return (best + f" (top-level model, {progress.stopping.endured} validations ago) | validations without gain "
+            f"(stops when all reach {args.endure_times}): "
+            + ", ".join(f"{task} {name} {value:.4f} {progress.task_stopping[task].endured}"
+                        for task, (name, value) in figures.items()))
+
+
+def kept_line(out, progress):
+    """Where each task's own best model is, for the last log line (nothing for a single task)."""
+    return "".join(f"; {task}'s own best {abs(s.best):.4f} in "
+                   + (f"{task_best_dir(out, task).name}/" if task_best_dir(out, task).exists() else "the top level")
+                   for task, s in progress.task_stopping.items())
 
 
 def validation_points(steps, val_every):
@@ -517,16 +605,19 @@ def validate_and_keep_best(run, progress, val, epoch, step, speed):
               "val_ranking": ranking}
     progress.train_sums = {}
     progress.history.append(record)
-    best = progress.stopping.improved(-ranking["NDCG@10"] if args.stop_on == "ndcg" else mean)
-    if best and run.rank == 0:
-        save_checkpoint(run.model, run.tokenizer, run.out, {**run.meta, "best": record}, run.spm_model)
+    figures = {task: task_figure(task, losses, ranking) for task in progress.task_stopping}
+    top_gained, gained = count_validation(progress, -ranking["NDCG@10"] if args.stop_on == "ndcg" else mean,
+                                          {t: -v if name == "NDCG@10" else v for t, (name, v) in figures.items()})
+    if figures:
+        record["tasks"] = {task: {"figure": name, "value": value, "best": abs(progress.task_stopping[task].best),
+                                  "without_gain": progress.task_stopping[task].endured}
+                           for task, (name, value) in figures.items()}
+    keep_best_models(run, progress, top_gained, gained, record)
     record["reference_ranking"] = val.reference     # train_log.json's records carry them, config.json's does not
     log(f"epoch {epoch} step {step} ({record['minutes']:.1f} min, {record['seconds_per_epoch']:.0f} s/epoch, "
         f"{record['samples_per_second']:.0f} samples/s): val loss "
         + " ".join(f"{t} {v:.4f}" for t, v in losses.items()) + f" | mean {mean:.4f}"
-        + "".join(f" | {k} {v:.4f}" for k, v in ranking.items())
-        + f" | best {args.stop_on} {abs(progress.stopping.best):.4f}, "
-          f"{progress.stopping.endured}/{args.endure_times} without gain")
+        + "".join(f" | {k} {v:.4f}" for k, v in ranking.items()) + stopping_line(args, progress, figures))
     if run.rank == 0:
         atomic_write_json(run.out / "train_log.json", progress.history)
         plot_curve(progress.history, val.reference, len(val.rank_users), run.out / "curve.png",
@@ -536,8 +627,9 @@ def validate_and_keep_best(run, progress, val, epoch, step, speed):
 
 def train(run, progress, val):
     """Single-task batches in the order of tasks.epoch_plan, from where `progress` stands to the end of --epochs,
-    validating at the validation points; stops early after --endure_times validations without gain, or at
-    --max_minutes. The resumable state is saved every --save_minutes, at every epoch's end and at a stop."""
+    validating at the validation points; stops early after --endure_times validations without gain (in every task's
+    figure, for several tasks), or at --max_minutes. The resumable state is saved every --save_minutes, at every
+    epoch's end and at a stop."""
     args, model = run.args, run.model
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
     no_sync = ddp_model.no_sync if run.world > 1 else None
@@ -578,7 +670,7 @@ def train(run, progress, val):
                          "samples_per_second": round((progress.samples - samples_before) / trained_seconds, 1)}
                 validate_and_keep_best(run, progress, val, epoch, step + 1, speed)
                 trained_seconds, trained_steps, samples_before = 0.0, 0, progress.samples
-                if progress.stopping.stop or out_of_time:
+                if progress.stop or out_of_time:
                     stop = True
                     log("early stop" if not out_of_time else f"time budget of {args.max_minutes} min reached")
             if stop or agreed(time.time() - last_save >= args.save_minutes * 60, run.device):
@@ -617,6 +709,7 @@ def save_state(run, progress):
     atomic_write_json(last_tmp / STATE_JSON, {
         "epoch": progress.epoch, "step": progress.step, "rng": rng_states, "best": progress.stopping.best,
         "endured": progress.stopping.endured, "history": progress.history, "item_map": run.meta["item_map"],
+        "task_stopping": {task: [s.best, s.endured] for task, s in progress.task_stopping.items()},
         "samples": progress.samples, "train_sums": progress.train_sums, "minutes": progress.minutes()})
     if last.exists():
         last.rename(last_old)
@@ -624,8 +717,9 @@ def save_state(run, progress):
     shutil.rmtree(last_old, ignore_errors=True)
 
 
-def load_state(run, saved):
-    """The optimizer and RNG states of out/last put back; the Progress to go on from. saved: its train_state.json."""
+def load_state(run, saved, val_tasks):
+    """The optimizer and RNG states of out/last put back; the Progress to go on from. saved: its train_state.json;
+    val_tasks: the tasks with validation samples (each with its own stopping counts, for several)."""
     tensors = load_file(str(run.out / "last" / STATE_TENSORS))
     torch.set_rng_state(tensors.pop("torch_rng"))
     opt = run.optimizer.state_dict()
@@ -646,10 +740,20 @@ def load_state(run, saved):
                                                                       saved["endured"]), history,
                     samples=saved.get("samples", history[-1]["samples"] if history else 0),
                     train_sums=saved.get("train_sums", {}),
-                    minutes_before=saved.get("minutes", history[-1]["minutes"] if history else 0.0))
+                    minutes_before=saved.get("minutes", history[-1]["minutes"] if history else 0.0),
+                    task_stopping=task_stoppers(val_tasks, run.args.endure_times, saved.get("task_stopping")))
 
 
 # ---------------------------------------------------------------------------------------------------- main
+
+def remove_task_bests(out):
+    """A new run in a used folder: an earlier run's best_<task>/ would be read as this run's by exp.py / topn.py."""
+    for task in tasks.TASKS:
+        folder = task_best_dir(out, task)
+        if folder.exists():
+            shutil.rmtree(folder)
+            log(f"removed {folder}: an earlier run's")
+
 
 def main():
     report_user_errors()
@@ -685,17 +789,20 @@ def main():
     val = validation_set(run)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if not saved:
+            remove_task_bests(out)
     if saved:
-        progress = load_state(run, saved)
+        progress = load_state(run, saved, val.tasks)
     else:
-        progress = Progress(1, 0, random.Random(f"{args.seed}-train-{rank}"), EarlyStopping(args.endure_times), [])
-    if saved and (progress.stopping.stop or args.max_minutes and progress.minutes_before >= args.max_minutes):
-        log(f"{out}: this run has ended ({'early stop' if progress.stopping.stop else 'time budget used'}); "
+        progress = Progress(1, 0, random.Random(f"{args.seed}-train-{rank}"), EarlyStopping(args.endure_times), [],
+                            task_stopping=task_stoppers(val.tasks, args.endure_times))
+    if saved and (progress.stop or args.max_minutes and progress.minutes_before >= args.max_minutes):
+        log(f"{out}: this run has ended ({'early stop' if progress.stop else 'time budget used'}); "
             "nothing to do (a larger --endure_times or --max_minutes goes on)")
     else:
         train(run, progress, val)
     log(f"done: best validation {'NDCG@10' if args.stop_on == 'ndcg' else 'loss'} {abs(progress.stopping.best):.4f}; "
-        f"model in {out}")
+        f"model in {out}" + kept_line(out, progress))
     if world > 1:
         dist.destroy_process_group()
 

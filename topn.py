@@ -5,10 +5,13 @@
 --protocol clean (default): all 100 candidates scored by the model's sequence likelihood log p(item | prompt) and
 ranked by the evaluation core (ranking.py), as every reference rule is on the same candidates.
 --protocol paper: 20 unconstrained beams as the original code; the item counts where it appears in the top 10.
+The model is the top-N task's own best (best_topn/ in the checkpoint dir, where pretrain.py kept one), else the
+run's best model; the output and the results file (checkpoint_read) say which.
 """
 import time
 
-from evaluation import eval_users, input_sensitivity, load_run, parser, personalisation, rank_topn, write_run_results
+from evaluation import (eval_users, input_sensitivity, load_run, parser, personalisation, rank_topn, task_checkpoint,
+                        write_run_results)
 from ranking import RULE_NAMES, rule_scores, rule_settings
 from results import print_table, rank_rows
 from utils import report_user_errors
@@ -20,7 +23,8 @@ p.add_argument("--sensitivity_users", type=int, default=500,
 args = p.parse_args()
 started = time.time()
 
-model, tokenizer, meta, ds, encoder, device = load_run(args)
+model_dir = task_checkpoint(args.checkpoint, "topn")    # best_topn/ where pretrain.py kept the task's own best
+model, tokenizer, meta, ds, encoder, device = load_run(args, model_dir)
 history = meta.get("history", "encoder")
 users = eval_users(ds, args.users, args.seed)
 rules = rule_scores(ds, RULE_NAMES)
@@ -50,4 +54,5 @@ if personal.get("input_sensitivity", 1) < 0.5:
 write_run_results(args, "topn", meta, ds, users, started, protocol="100 candidates" + (
                   ", paper beams" if args.protocol == "paper" else ""), model=model_name, rows=rows,
                   ranks=topn["ranks"], reference_ranks=topn["reference_ranks"], list_length=topn["list_length"],
-                  rule_settings=rule_settings(ds), details={"personalisation": personal, "users_per_second": speed})
+                  rule_settings=rule_settings(ds), details={"personalisation": personal, "users_per_second": speed},
+                  checkpoint_read=str(model_dir))
