@@ -88,6 +88,30 @@ def set_dropout(t5, rate):
             layer.dropout = rate
 
 
+class InputOnlyDropout(nn.Dropout):
+    """A T5 stack's `dropout` layer, which the stack calls twice a forward pass: on the input embeddings, then on
+    the output after the final layer norm. This one drops on the first call only (`calls` is reset before every
+    forward by a hook on the stack, see no_output_dropout)."""
+    calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x) if self.calls == 1 else x
+
+
+def no_output_dropout(t5):
+    """No dropout between the decoder's final layer norm and the output layer (the input embeddings and every block
+    keep theirs). T5 drops there; SASRec does not. At the heavy rates a small sequential model needs (0.5) that
+    dropout zeroes half of each position's query vector at every step, and training without it ranks better at
+    every epoch measured (docs/RESULTS.md). Recorded in the config (hdrec_output_dropout), so a loaded model is
+    rebuilt the same way."""
+    t5.config.hdrec_output_dropout = False
+    decoder = t5.decoder
+    if not isinstance(decoder.dropout, InputOnlyDropout):
+        decoder.dropout = InputOnlyDropout(decoder.dropout.p)
+        decoder.register_forward_pre_hook(lambda stack, args: setattr(stack.dropout, "calls", 0))
+
+
 def init_item_embeddings(t5, tokenizer, vectors, std=None):
     """Start the embedding of each atomic item token item_N from vectors[N], scaled to element std `std` (None: the
     embedding matrix's own); all-zero rows keep their initialisation. Returns how many rows were set."""
@@ -133,6 +157,8 @@ class HDRec(nn.Module):
         self.whole_word = nn.Embedding(MAX_WHOLE_WORDS, d)
         nn.init.zeros_(self.whole_word.weight)
         self.item_tokens = None     # set_item_tokens: the softmax of item-sequence targets runs over these only
+        if getattr(t5.config, "hdrec_output_dropout", True) is False:
+            no_output_dropout(t5)
 
     def set_item_tokens(self, token_ids):
         """Token ids of the atomic item ids. Batches with decoder_input_ids (--history decoder), whose every label is

@@ -45,18 +45,22 @@ from item_codes import CODE_SCHEMES, SCHEMES, item_codes, item_map_for, parse_br
 from evaluation import rank_next
 from metrics import ranking_metrics
 from module import HDRec, SIZES, add_id_tokens, backward_batch, copy_checkpoint, from_scratch_t5, \
-    init_item_embeddings, load_checkpoint, load_pretrained, resolve_backbone, set_dropout, save_checkpoint, \
-    task_best_dir, train_tokenizer
+    init_item_embeddings, load_checkpoint, load_pretrained, no_output_dropout, resolve_backbone, set_dropout, \
+    save_checkpoint, task_best_dir, train_tokenizer
 from ranking import GRIDS, LEAK_RULES, RULE_NAMES, rule_ranks
 from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, pick_device, progress_bar,
                    report_user_errors, seed_everything, versions)
 
 # The defaults of the flags below that --recipe sets (a flag given explicitly wins): learn, the recipe that learns
 # from the history (README), or paper, the training setting of POD / HDRec.
-RECIPES = {"learn": dict(id_tokens="atomic", history="decoder", item_ids="random", item_init="auto", lr=1e-3,
-                         dropout=0.3, stop_on="ndcg"),
-           "paper": dict(id_tokens="pieces", history="encoder", item_ids="published", item_init="random", lr=5e-4,
-                         dropout=0.1, stop_on="loss")}
+# learn's sizes, rates and batch were chosen on validation NDCG@10 of beauty's sequential task (docs/RESULTS.md:
+# the grid and its figures); the main job (scripts/main.sh) sets a wider backbone for the text tasks.
+RECIPES = {"learn": dict(backbone="tiny", id_tokens="atomic", history="decoder", item_ids="random", item_init="auto",
+                         lr=1e-3, warmup_steps=100, batch_size=128, dropout=0.5, output_dropout="no", stop_on="ndcg",
+                         rank_users=5000, endure_times=10),
+           "paper": dict(backbone="t5-small", id_tokens="pieces", history="encoder", item_ids="published",
+                         item_init="random", lr=5e-4, warmup_steps=0, batch_size=64, dropout=0.1, output_dropout="yes",
+                         stop_on="loss", rank_users=1000, endure_times=5)}
 STATE_JSON, STATE_TENSORS = "train_state.json", "train_state.safetensors"   # in out/last, with the weights
 
 
@@ -76,8 +80,10 @@ def parse_args(argv=None):
                              "seq.py, topn.py and exp.py read the model from it. An unfinished run there is resumed")
     parser.add_argument("--cuda", action="store_true", help="use CUDA")
     parser.add_argument("--backbone", default=None,
-                        help=f"pretrained T5 (hub name or local folder) or a from-scratch size: {', '.join(SIZES)}")
-    parser.add_argument("--model_version", type=int, default=0, help="0-4: t5-small ... t5-11b (when no --backbone)")
+                        help=f"pretrained T5 (hub name or local folder) or a from-scratch size: {', '.join(SIZES)}; "
+                             + by_recipe("backbone"))
+    parser.add_argument("--model_version", type=int, default=None,
+                        help="0-4: the pretrained t5-small ... t5-11b (the seed's flag; --backbone wins)")
     parser.add_argument("--vocab_size", type=int, default=8000, help="upper bound for a from-scratch tokenizer")
     parser.add_argument("--recipe", choices=list(RECIPES), default="learn",
                         help="the defaults of " + ", ".join(f"--{flag}" for flag in RECIPES["learn"]) + ": learn "
@@ -109,20 +115,26 @@ def parse_args(argv=None):
     parser.add_argument("--prompt_num", type=int, default=3, help="learned prompt vectors per task")
     parser.add_argument("--ratio", default="1:1:1:3", help="explanation:sequential:review:top-N samples per user")
     parser.add_argument("--lr", type=float, default=None, help=f"AdamW's learning rate; {by_recipe('lr')}")
-    parser.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up over this many steps")
+    parser.add_argument("--warmup_steps", type=int, default=None,
+                        help=f"linear learning-rate warm-up over this many steps; {by_recipe('warmup_steps')}")
     parser.add_argument("--lr_decay", choices=["none", "linear"], default="none",
                         help="linear: the learning rate falls linearly to 0 at the end of --epochs (after the warm-up)")
     parser.add_argument("--weight_decay", type=float, default=0.01,
                         help="AdamW's decoupled weight decay (torch's default, as POD), not applied to norm weights")
     parser.add_argument("--dropout", type=float, default=None,
                         help=f"the backbone's dropout rate (T5's own: 0.1); {by_recipe('dropout')}")
+    parser.add_argument("--output_dropout", choices=["yes", "no"], default=None,
+                        help="yes: T5's dropout after the decoder's final layer norm, right before the output layer; "
+                             "no: none there (as SASRec; the input embeddings and every block keep theirs), which "
+                             f"ranks better at every epoch measured (docs/RESULTS.md); {by_recipe('output_dropout')}")
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--endure_times", type=int, default=5,
+    parser.add_argument("--batch_size", type=int, default=None, help=f"samples a step; {by_recipe('batch_size')}")
+    parser.add_argument("--endure_times", type=int, default=None,
                         help="stop after this many validations without gain: in the --stop_on figure for a single "
                              "task; for several, when no task has gained for this many (each task's own figure: "
                              "NDCG@10 for sequential, the validation token loss for the text tasks and topn; "
-                             "best_<task>/ keeps a task's best model where it is not the top-level one)")
+                             "best_<task>/ keeps a task's best model where it is not the top-level one); "
+                             + by_recipe("endure_times"))
     parser.add_argument("--negative_num", type=int, default=99, help="negatives per top-N training sample")
     parser.add_argument("--exp_len", type=int, default=20, help="explanation length in tokens")
     parser.add_argument("--explanation_target", choices=["auto", "llm", "review"], default="auto",
@@ -130,9 +142,10 @@ def parse_args(argv=None):
                              "auto: llm where the record has it")
     parser.add_argument("--val_every", type=int, default=0, help="validate every N steps (0: once an epoch)")
     parser.add_argument("--val_users", type=int, default=0, help="validate on a seeded sample of N users (0: all)")
-    parser.add_argument("--rank_users", type=int, default=1000,
+    parser.add_argument("--rank_users", type=int, default=None,
                         help="at every validation, rank all items for a fixed seeded sample of N validation users "
-                             "(sequential task, clean protocol) and log HR@10 / NDCG@10 (0: off)")
+                             "(sequential task, clean protocol) and log HR@10 / NDCG@10 (0: off); "
+                             + by_recipe("rank_users"))
     parser.add_argument("--stop_on", choices=["ndcg", "loss"], default=None,
                         help="what keeps the best model (the top-level one in --checkpoint) and, for a single "
                              "task, stops early: validation NDCG@10 of the ranked users (needs --rank_users and the "
@@ -152,7 +165,10 @@ def parse_args(argv=None):
 
 
 def resolve_recipe(args):
-    """Every flag left unset takes its --recipe's value; then --item_init auto becomes what it means here."""
+    """Every flag left unset takes its --recipe's value (--model_version, the seed's way to name a pretrained
+    backbone, counts as setting --backbone); then --item_init auto becomes what it means here."""
+    if args.backbone is None and args.model_version is not None:
+        args.backbone = resolve_backbone(None, args.model_version)
     for flag, value in RECIPES[args.recipe].items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
@@ -284,6 +300,8 @@ def build_model(args, ds, codes, backbone, out, is_main):
             t5.resize_token_embeddings(len(tokenizer))
     model = HDRec(t5, len(tasks.TASKS), args.prompt_num, args.seed)
     set_dropout(model.t5, args.dropout)
+    if args.output_dropout == "no":
+        no_output_dropout(model.t5)
     if args.item_init == "cooc":
         # From scratch, at T5's own embedding scale (std 1): logits sharp enough to rank 12k items from the start,
         # and rows that large move little under AdamW, so the structure survives (at std d_model**-0.5 the
@@ -768,7 +786,7 @@ def main():
     if saved:
         model, tokenizer, spm_model, meta = load_last_model(out, device)
     else:
-        backbone = resolve_backbone(args.backbone, args.model_version)
+        backbone = args.backbone
         model, tokenizer, spm_model = build_model(args, ds, codes, backbone, out, rank == 0)
         meta = run_meta(args, ds, ratio, backbone, item_map, codes)
     model.to(device)

@@ -20,8 +20,10 @@ PY=${PYTHON:-python3}
 limit=(); [ "$LIMIT" = 0 ] || limit=(--limit "$LIMIT")
 $PY data/distill.py --data_dir "$DATA" "${limit[@]}" --greedy --max_batch_size 16 \
     --seed "$SEED"
+# the learn recipe, with the multi-task settings of a small review set: a wider backbone for the text tasks, lighter
+# dropout and no warm-up (the recipe's defaults are the sequential task's, chosen on beauty)
 $PY pretrain.py --data_dir "$DATA" --checkpoint "$CKPT" --backbone "$BACKBONE" --item_ids random --ratio 1:1:1:3 \
-    --batch_size 32 --max_minutes "$MINUTES" --val_every 20 --seed "$SEED"
+    --batch_size 32 --dropout 0.3 --warmup_steps 0 --max_minutes "$MINUTES" --val_every 20 --seed "$SEED"
 for protocol in clean paper; do
     $PY seq.py --data_dir "$DATA" --checkpoint "$CKPT" --protocol $protocol --seed "$SEED"
     $PY topn.py --data_dir "$DATA" --checkpoint "$CKPT" --protocol $protocol --seed "$SEED"

@@ -422,3 +422,35 @@ def test_micro_batches_give_the_full_batch_gradient(tokenizer, encoder, small_ds
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_no_output_dropout_drops_the_inputs_but_not_the_output(tokenizer, tmp_path):
+    """--output_dropout no: in training, the decoder's input embeddings are still dropped (so its output varies
+    with the dropout mask), but its output is the final layer norm's, untouched; T5's own dropout zeroes about half
+    of it. The choice survives a checkpoint round trip."""
+    from module import InputOnlyDropout, no_output_dropout, save_checkpoint, set_dropout, t5_config_for
+    torch.manual_seed(0)
+    ids = torch.randint(5, len(tokenizer), (4, 6))
+
+    def outputs(t5):
+        """(the decoder's output, its final layer norm's output) of one training forward."""
+        t5.train()
+        normed = []
+        hook = t5.decoder.final_layer_norm.register_forward_hook(lambda m, a, out: normed.append(out))
+        out = t5.decoder(input_ids=ids).last_hidden_state
+        hook.remove()
+        return out, normed[0]
+
+    t5 = T5ForConditionalGeneration(t5_config_for("tiny", tokenizer))
+    set_dropout(t5, 0.5)
+    out, normed = outputs(t5)
+    assert ((out == 0) & (normed != 0)).float().mean() > 0.3        # T5's own: dropout after the final norm
+    no_output_dropout(t5)
+    out, normed = outputs(t5)
+    assert torch.equal(out, normed)
+    assert not torch.equal(out, outputs(t5)[0])                      # the input dropout still draws a mask
+    save_checkpoint(HDRec(t5), tokenizer, tmp_path / "ck", {"task_num": 4, "prompt_num": 3})
+    loaded, _, _ = load_checkpoint(tmp_path / "ck")
+    assert isinstance(loaded.t5.decoder.dropout, InputOnlyDropout) and loaded.t5.decoder.dropout.p == 0.5
+    out, normed = outputs(loaded.t5)
+    assert torch.equal(out, normed)
