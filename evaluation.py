@@ -139,8 +139,14 @@ def training_summary(checkpoint, meta):
     log = Path(checkpoint) / "train_log.json"
     history = json.loads(log.read_text()) if log.exists() else []
     best = meta.get("best") or {}
+    ranked = [h for h in history if h.get("val_ranking")]
     return {"best_epoch": best.get("epoch"), "best_step": best.get("step"), "minutes_at_best": best.get("minutes"),
-            "minutes": history[-1]["minutes"] if history else None, "validations": len(history)}
+            "minutes": history[-1]["minutes"] if history else None, "validations": len(history),
+            # the learning curve (the ranked validation users) and the rules on the same users, for compare.py
+            "log": [{"epoch": h["epoch"], "minutes": h["minutes"], "val_NDCG@10": h["val_ranking"]["NDCG@10"]}
+                    for h in ranked],
+            "val_rules": {rule: f["NDCG@10"] for rule, f in (ranked[0].get("reference_ranking") or {}).items()}
+            if ranked else {}}
 
 
 def write_run_results(args, task, meta, ds, users, started, **fields):

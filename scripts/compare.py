@@ -143,10 +143,47 @@ def plot(rows, out):
     tmp.replace(out)
 
 
+def curves(paths, out):
+    """Validation NDCG@10 against training minutes, one line per results file that carries its learning curve
+    (training.log: pretrain.py's ranked users, or sasrec_recbole.py's same seeded sample), and the rules on those
+    users (training.val_rules, from the T5's log) as horizontal lines. Returns ({label: (minutes, figures)}, rules).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines, rules = {}, {}
+    for path in paths:
+        r = read_results(path)
+        log = (r.get("training") or {}).get("log") or []
+        if not log:
+            continue
+        seed = (r.get("config") or {}).get("seed")
+        label = f"{r['model']}, seed {seed}"
+        lines[label] = ([e["minutes"] for e in log], [e["val_NDCG@10"] for e in log])
+        ax.plot(*lines[label], marker=".", label=label)
+        rules.update(r["training"].get("val_rules") or {})
+    for (rule, figure), colour in zip(sorted(rules.items(), key=lambda kv: -kv[1]),
+                                      ("grey", "tab:orange", "tab:green", "tab:red", "tab:purple")):
+        ax.axhline(figure, color=colour, linestyle="--", linewidth=1, label=RULE_NAMES.get(rule, rule))
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("validation NDCG@10")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = Path(str(out) + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return lines, rules
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--plot", type=Path, default=None, help="bar chart (PNG) of HR@10 and NDCG@10")
+    p.add_argument("--curves", type=Path, default=None,
+                   help="learning curves (PNG): each model's validation NDCG@10 (all items ranked, history excluded, "
+                        "the seeded --rank_users sample) against training minutes, the rules as horizontal lines")
     args = p.parse_args(argv)
     rows = table(args.files)
     text = markdown(rows)
@@ -157,6 +194,9 @@ def main(argv=None):
     if args.plot:
         plot(rows, args.plot)
         print(f"\nchart -> {args.plot}")
+    if args.curves:
+        curves(args.files, args.curves)
+        print(f"learning curves -> {args.curves}")
     return rows
 
 

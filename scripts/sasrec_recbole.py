@@ -7,10 +7,13 @@ sits in scripts/compare.py's table beside the T5 recommender and HSFT.
 
 1. Our sequences become a RecBole atomic file (`<name>.inter`: user, item, position as timestamp), nothing filtered.
 2. RecBole trains SASRec with its defaults (2 layers, 2 heads, hidden 64, dropout .5, 50 items of history,
-   cross-entropy over all items, lr .001, batch 2048), its leave-one-out split (`LS: valid_and_test`, time order),
-   validating NDCG@10 on full ranking every epoch; training stops early after --stopping_step epochs without a better
-   validation, or once --max_minutes have passed. The best epoch's weights are kept in memory (RecBole's own
-   checkpoint is a pickle, which this project never loads).
+   cross-entropy over all items, lr .001, batch 2048; --lr, --batch_size and --dropout change them), its
+   leave-one-out split (`LS: valid_and_test`, time order), validating every epoch; training stops early after
+   --stopping_step epochs without a better RecBole validation, or once --max_minutes have passed. At every epoch the
+   evaluation core also ranks the validation item of a seeded sample of --rank_users users under our protocol
+   (history excluded; the sample pretrain.py's --rank_users draws with the same --seed), and the epoch with the best
+   such NDCG@10 is kept, its weights in memory (RecBole's own checkpoint is a pickle, which this project never
+   loads). That curve, against training minutes, is what scripts/curves.py draws beside the T5's.
 3. The split is checked user by user: RecBole's validation and test rows must have our target and our history (its
    last 50 items) for every user, or the script stops.
 4. The best model scores every item for each of our test cases and the evaluation core (ranking.py) ranks the
@@ -20,6 +23,7 @@ sits in scripts/compare.py's table beside the T5 recommender and HSFT.
 """
 import argparse
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -30,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from dataset import load_dataset  # noqa: E402
+from metrics import ranking_metrics  # noqa: E402
 from ranking import eval_cases, rank_targets, rule_ranks, rule_settings  # noqa: E402
 from results import FULL_RANKING, print_table, rank_rows, write_results  # noqa: E402
 from utils import UserError, atomic_write_text, report_user_errors  # noqa: E402
@@ -62,7 +67,8 @@ def recbole_config(args, data_root, name):
         "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
         "metrics": ["Recall", "NDCG"], "topk": [10], "valid_metric": "NDCG@10",
         "epochs": args.epochs, "stopping_step": args.stopping_step, "learning_rate": args.lr,
-        "train_batch_size": args.batch_size, "seed": args.seed, "reproducibility": True,
+        "train_batch_size": args.batch_size, "seed": args.seed,
+        "hidden_dropout_prob": args.dropout, "attn_dropout_prob": args.dropout, "reproducibility": True,
         "use_gpu": args.cuda, "show_progress": False, "log_wandb": False,
     }
 
@@ -89,8 +95,9 @@ def check_split(ds, recbole_datasets):
 
 
 @torch.no_grad()
-def test_ranks(model, ds, rb_dataset, device, batch_size=512):
-    """Our test cases scored by the RecBole model: 0-based ranks over all items, history excluded (ranking.py)."""
+def split_ranks(model, ds, rb_dataset, device, split="test", users=None, batch_size=512):
+    """Our `split` cases (of `users`, default all) scored by the RecBole model: (users, 0-based ranks over all items,
+    history excluded: ranking.py)."""
     from recbole.data.interaction import Interaction
     token2id = rb_dataset.field2token_id["item_id"]
     # our item i -> RecBole's internal id; an item no interaction names is unknown to RecBole and ranks last
@@ -98,7 +105,7 @@ def test_ranks(model, ds, rb_dataset, device, batch_size=512):
     ours, theirs = torch.tensor(known), torch.tensor([token2id[str(i)] for i in known])
     to_internal = torch.zeros(ds.num_items + 1, dtype=torch.long)
     to_internal[ours] = theirs
-    users, histories, targets = eval_cases(ds, "test")
+    users, histories, targets = eval_cases(ds, split, users)
     model.eval()
     ranks = []
     for start in range(0, len(users), batch_size):
@@ -125,6 +132,9 @@ def main(argv=None):
     p.add_argument("--max_minutes", type=float, default=30, help="training budget; the best epoch so far is kept")
     p.add_argument("--lr", type=float, default=0.001)
     p.add_argument("--batch_size", type=int, default=2048)
+    p.add_argument("--dropout", type=float, default=0.5, help="RecBole's hidden and attention dropout")
+    p.add_argument("--rank_users", type=int, default=1000,
+                   help="validation users ranked by the evaluation core at every epoch (0: all)")
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--seed", type=int, default=2020)
     args = p.parse_args(argv)
@@ -161,21 +171,33 @@ def main(argv=None):
     trainer = Trainer(config, model)
     log, best_state = [], {}
 
+    # pretrain.py's --rank_users sample for the same --seed, so the two learning curves rank the same users
+    rank_users = sorted(random.Random(f"{args.seed}-rank").sample(ds.users, args.rank_users)) \
+        if 0 < args.rank_users < len(ds.users) else list(ds.users)
+    train_seconds, last = 0.0, time.time()
+
     def after_validation(epoch, score):
-        log.append({"epoch": epoch, "val_NDCG@10": float(score), "minutes": (time.time() - train_start) / 60})
-        print(f"epoch {epoch}: val NDCG@10 {score:.4f} ({log[-1]['minutes']:.1f} min)", flush=True)
-        if score >= max(e["val_NDCG@10"] for e in log):      # the best so far: keep its weights (a copy in memory)
+        nonlocal train_seconds, last
+        train_seconds += time.time() - last        # training and RecBole's own validation; ours is not counted
+        _, val_ranks = split_ranks(model, ds, train_data.dataset, config["device"], "val", rank_users)
+        model.train()
+        ours = ranking_metrics(val_ranks)["NDCG@10"]
+        log.append({"epoch": epoch, "recbole_val_NDCG@10": float(score), "val_NDCG@10": ours,
+                    "minutes": train_seconds / 60})
+        print(f"epoch {epoch}: val NDCG@10 {ours:.4f} ({len(rank_users)} users, history excluded), RecBole's "
+              f"{score:.4f} ({log[-1]['minutes']:.1f} min)", flush=True)
+        if ours >= max(e["val_NDCG@10"] for e in log):       # the best so far: keep its weights (a copy in memory)
             best_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        last = time.time()
         if log[-1]["minutes"] > args.max_minutes:
             raise OutOfTime
 
-    train_start = time.time()
     try:
         trainer.fit(train_data, valid_data, saved=False, show_progress=False, callback_fn=after_validation)
         stopped = "early stopping" if log and len(log) < args.epochs else "epochs done"
     except OutOfTime:
         stopped = f"--max_minutes {args.max_minutes}"
-    minutes = (time.time() - train_start) / 60
+    minutes = log[-1]["minutes"] if log else 0.0
     if not log:
         raise UserError("RecBole ran no validation: nothing to evaluate (raise --epochs or --max_minutes)")
     best = max(log, key=lambda e: e["val_NDCG@10"])
@@ -183,7 +205,7 @@ def main(argv=None):
     print(f"trained {minutes:.1f} min ({stopped}); best validation NDCG@10 {best['val_NDCG@10']:.4f} "
           f"at epoch {best['epoch']}")
 
-    users, ranks = test_ranks(model, ds, train_data.dataset, config["device"])
+    users, ranks = split_ranks(model, ds, train_data.dataset, config["device"])
     model_name = f"SASRec (RecBole {recbole.__version__}, CE)"
     reference_ranks = rule_ranks(ds, users, "test")
     rows = rank_rows(model_name, ranks, reference_ranks)

@@ -35,7 +35,7 @@ import sasrec_recbole as s
 ds = load_dataset({str(data)!r}, negatives=False)
 s.write_atomic_file(ds, {str(tmp_path / 'rb')!r}, 'beauty')
 args = argparse.Namespace(out={str(tmp_path / 'out')!r}, epochs=1, stopping_step=1, lr=1e-3, batch_size=256,
-                          seed=1, cuda=False)
+                          dropout=0.5, seed=1, cuda=False)
 config = Config(model='SASRec', dataset='beauty', config_dict=s.recbole_config(args, {str(tmp_path / 'rb')!r}, 'beauty'))
 _, valid, test = data_preparation(config, create_dataset(config))
 checked, bad = s.check_split(ds, {{'val': valid.dataset, 'test': test.dataset}})
@@ -59,7 +59,8 @@ def test_sasrec_trains_and_writes_a_comparable_results_file(tmp_path, script_env
     data = make_slice(tmp_path / "beauty", 200, seed=5)
     out_dir = tmp_path / "sasrec"
     run = subprocess.run([venv_python(), "scripts/sasrec_recbole.py", "--data_dir", str(data), "--out", str(out_dir),
-                          "--epochs", "2", "--batch_size", "256", "--seed", "3"],
+                          "--epochs", "2", "--batch_size", "256", "--dropout", "0.3", "--rank_users", "50",
+                          "--seed", "3"],
                          cwd=ROOT, env=script_env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "split check: RecBole's validation and test rows equal ours for all 200 users" in run.stdout
@@ -68,7 +69,12 @@ def test_sasrec_trains_and_writes_a_comparable_results_file(tmp_path, script_env
     assert r["model"].startswith("SASRec (RecBole 1.2.1")
     assert r["details"]["split_check"] == {"users": {"val": 200, "test": 200}, "mismatches": {"val": 0, "test": 0}}
     assert not list(out_dir.rglob("*.pth"))                  # RecBole saved no pickle: the best weights stay in memory
-    assert len(r["training"]["log"]) == 2 and r["training"]["best_epoch"] in (0, 1)
+    log = r["training"]["log"]
+    assert len(log) == 2 and r["training"]["best_epoch"] in (0, 1)
+    # the kept epoch is the best by our protocol's validation NDCG@10 (50 seeded users), RecBole's figure beside it
+    assert r["training"]["best_val_NDCG@10"] == max(e["val_NDCG@10"] for e in log)
+    assert all(0 <= e["recbole_val_NDCG@10"] <= 1 and 0 < e["minutes"] for e in log)
+    assert r["details"]["recbole_config"]["hidden_dropout_prob"] == 0.3
 
     # the figures are those of the per-user ranks, history excluded: no rank reaches past the unbought items
     from dataset import load_sequences
