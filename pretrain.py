@@ -53,11 +53,11 @@ from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, 
 
 # The defaults of the flags below that --recipe sets (a flag given explicitly wins): learn, the recipe that learns
 # from the history (README), or paper, the training setting of POD / HDRec.
-# learn's sizes, rates and batch were chosen on validation NDCG@10 of beauty's sequential task (docs/RESULTS.md:
-# the grid and its figures); the main job (scripts/main.sh) sets a wider backbone for the text tasks.
-RECIPES = {"learn": dict(backbone="tiny", id_tokens="atomic", history="decoder", item_ids="random", item_init="auto",
-                         lr=1e-3, warmup_steps=100, batch_size=128, dropout=0.5, output_dropout="no", stop_on="ndcg",
-                         rank_users=5000, endure_times=10),
+# learn's backbone, dropout and output dropout were chosen on validation NDCG@10 of beauty's sequential task
+# (docs/RESULTS.md section 8: the runs and their figures); the main job (scripts/main.sh) sets its own multi-task ones.
+RECIPES = {"learn": dict(backbone="mini", id_tokens="atomic", history="decoder", item_ids="random", item_init="auto",
+                         lr=1e-3, warmup_steps=100, batch_size=64, dropout=0.3, output_dropout="no", stop_on="ndcg",
+                         rank_users=5000, endure_times=5),
            "paper": dict(backbone="t5-small", id_tokens="pieces", history="encoder", item_ids="published",
                          item_init="random", lr=5e-4, warmup_steps=0, batch_size=64, dropout=0.1, output_dropout="yes",
                          stop_on="loss", rank_users=1000, endure_times=5)}
