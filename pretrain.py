@@ -47,7 +47,7 @@ from metrics import ranking_metrics
 from module import HDRec, SIZES, add_id_tokens, backward_batch, copy_checkpoint, from_scratch_t5, \
     init_item_embeddings, load_checkpoint, load_pretrained, no_output_dropout, resolve_backbone, set_dropout, \
     save_checkpoint, task_best_dir, train_tokenizer
-from ranking import GRIDS, LEAK_RULES, RULE_NAMES, rule_ranks
+from ranking import GRIDS, LEAK_RULES, RULE_NAMES, curve_users, rule_ranks
 from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, pick_device, progress_bar,
                    report_user_errors, seed_everything, versions)
 
@@ -427,7 +427,7 @@ def validation_set(run):
     users = []              # ranked at every validation: a fixed seeded sample, with the sequential task
     if args.rank_users and "sequential" in val_tasks:
         able = tasks.trainable_users(run.ds, "sequential")
-        users = sorted(random.Random(f"{args.seed}-rank").sample(able, min(args.rank_users, len(able))))
+        users = curve_users(able, args.rank_users, args.seed)
     if args.stop_on == "ndcg" and not users:
         raise UserError("--stop_on ndcg needs ranked validation users: the sequential task in --ratio and "
                         "--rank_users > 0 (or use --stop_on loss)")

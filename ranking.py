@@ -27,6 +27,7 @@ alone and are cached by its hash (cache/rules/, or $HDREC_CACHE/rules/).
 """
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -49,6 +50,13 @@ BATCH = 1024
 
 
 # ---------------------------------------------------------------------------------------------------- ranking
+
+def curve_users(users, n, seed):
+    """The fixed seeded sample of n validation users whose ranking draws a learning curve, the same for every model
+    trained with the same --seed (pretrain.py's and sasrec_recbole.py's --rank_users); all of them when n is 0 or at
+    least their number."""
+    return sorted(random.Random(f"{seed}-rank").sample(list(users), min(n, len(users)) if n else len(users)))
+
 
 def eval_cases(ds, split, users=None):
     """(users, histories, targets) of a split ('val' or 'test') for `users` (default: all, in file order)."""

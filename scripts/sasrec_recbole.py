@@ -13,7 +13,7 @@ sits in scripts/compare.py's table beside the T5 recommender and HSFT.
    evaluation core also ranks the validation item of a seeded sample of --rank_users users under our protocol
    (history excluded; the sample pretrain.py's --rank_users draws with the same --seed), and the epoch with the best
    such NDCG@10 is kept, its weights in memory (RecBole's own checkpoint is a pickle, which this project never
-   loads). That curve, against training minutes, is what scripts/curves.py draws beside the T5's.
+   loads). That curve, against training minutes, is what `scripts/compare.py --curves` draws beside the T5's.
 3. The split is checked user by user: RecBole's validation and test rows must have our target and our history (its
    last 50 items) for every user, or the script stops.
 4. The best model scores every item for each of our test cases and the evaluation core (ranking.py) ranks the
@@ -23,7 +23,6 @@ sits in scripts/compare.py's table beside the T5 recommender and HSFT.
 """
 import argparse
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch  # noqa: E402
 
 from dataset import load_dataset  # noqa: E402
 from metrics import ranking_metrics  # noqa: E402
-from ranking import eval_cases, rank_targets, rule_ranks, rule_settings  # noqa: E402
+from ranking import curve_users, eval_cases, rank_targets, rule_ranks, rule_settings  # noqa: E402
 from results import FULL_RANKING, print_table, rank_rows, write_results  # noqa: E402
 from utils import UserError, atomic_write_text, report_user_errors  # noqa: E402
 
@@ -171,9 +170,7 @@ def main(argv=None):
     trainer = Trainer(config, model)
     log, best_state = [], {}
 
-    # pretrain.py's --rank_users sample for the same --seed, so the two learning curves rank the same users
-    rank_users = sorted(random.Random(f"{args.seed}-rank").sample(ds.users, args.rank_users)) \
-        if 0 < args.rank_users < len(ds.users) else list(ds.users)
+    rank_users = curve_users(ds.users, args.rank_users, args.seed)   # pretrain.py's, so both curves rank the same users
     train_seconds, last = 0.0, time.time()
 
     def after_validation(epoch, score):

@@ -149,3 +149,14 @@ def test_only_the_rules_asked_for_are_fitted(slice_ds, tmp_path, monkeypatch):
     cheap = ranking.rule_ranks(slice_ds, users, "val", names=["most_popular", "co_occurrence"], log=quiet)
     assert set(cheap) == {"most_popular", "co_occurrence"}
     assert set(ranking.cached_rules(slice_ds)) == {"most_popular", "co_occurrence"}
+
+
+def test_curve_users_are_one_seeded_sample_for_every_model():
+    """pretrain.py and sasrec_recbole.py draw their learning curves on the same users for the same seed."""
+    from ranking import curve_users
+    users = list(range(1, 301))
+    sample = curve_users(users, 50, 7)
+    assert sample == sorted(sample) and len(set(sample)) == 50 and set(sample) <= set(users)
+    assert curve_users(list(reversed(users))[::-1], 50, 7) == sample       # a copy of the list: the same sample
+    assert curve_users(users, 50, 8) != sample
+    assert curve_users(users, 0, 7) == curve_users(users, 1000, 7) == users
