@@ -198,9 +198,7 @@ class HDRec(nn.Module):
                                  encoder_attention_mask=mask).last_hidden_state
         scored = batch["labels"] != -100
         hidden = hidden[scored]                                  # only the positions that carry a loss
-        if self.t5.config.tie_word_embeddings:
-            hidden = hidden * self.t5.config.d_model ** -0.5     # as T5 scales before its tied output layer
-        logits = hidden @ self.t5.lm_head.weight[self.item_tokens].T
+        logits = hidden * output_scale(self.t5.config) @ self.t5.lm_head.weight[self.item_tokens].T
         target = self.item_index[batch["labels"][scored]]
         if (target < 0).any():
             raise ValueError("an item-sequence label is not an item token")
@@ -314,14 +312,30 @@ def t5_config_for(size, tokenizer):
                     feed_forward_proj="relu", dropout_rate=0.1, tie_word_embeddings=True, **SIZES[size])
 
 
-def from_scratch_t5(size, tokenizer):
+def no_output_scale(t5):
+    """No d_model**-0.5 between the decoder's output and the tied output layer: the logits are the plain dot
+    products of the decoder's output and the token embeddings, as SASRec scores items. T5 scales there; with
+    small embeddings (std .02, as SASRec's) T5's scale leaves logits of std ~.02, too flat to learn which items go
+    together (docs/RESULTS.md section 8). transformers' own switch (scale_decoder_outputs, saved in config.json),
+    which T5's forward reads: generation and ranking follow it too."""
+    t5.config.scale_decoder_outputs = False
+
+
+def output_scale(config):
+    """The factor T5 puts on the decoder's output before its tied output layer (1 after no_output_scale)."""
+    scaled = config.scale_decoder_outputs
+    return config.d_model ** -0.5 if scaled else 1.0
+
+
+def from_scratch_t5(size, tokenizer, embedding_std=None):
     """A randomly initialised T5 of one of SIZES. T5 initialises its embeddings at std 1.0, a scale meant for
     Adafactor, whose steps are relative to each parameter's size; under AdamW (steps of ~lr whatever the scale) rows
     that large barely move in a short run, so the model learns item popularity long before it learns which items go
-    together. The embeddings start at std d_model**-0.5 instead, the scale of the other weights."""
+    together. The embeddings start at std d_model**-0.5 instead, the scale of the other weights, or at
+    `embedding_std`."""
     t5 = T5ForConditionalGeneration(t5_config_for(size, tokenizer))
     with torch.no_grad():
-        t5.shared.weight.normal_(0.0, t5.config.d_model ** -0.5)
+        t5.shared.weight.normal_(0.0, embedding_std or t5.config.d_model ** -0.5)
     return t5
 
 

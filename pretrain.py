@@ -45,8 +45,8 @@ from item_codes import CODE_SCHEMES, SCHEMES, item_codes, item_map_for, parse_br
 from evaluation import rank_next
 from metrics import ranking_metrics
 from module import HDRec, SIZES, add_id_tokens, backward_batch, copy_checkpoint, from_scratch_t5, \
-    init_item_embeddings, load_checkpoint, load_pretrained, no_output_dropout, resolve_backbone, set_dropout, \
-    save_checkpoint, task_best_dir, train_tokenizer
+    init_item_embeddings, load_checkpoint, load_pretrained, no_output_dropout, no_output_scale, output_scale, \
+    resolve_backbone, set_dropout, save_checkpoint, task_best_dir, train_tokenizer
 from ranking import GRIDS, LEAK_RULES, RULE_NAMES, curve_users, rule_ranks
 from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, pick_device, progress_bar,
                    report_user_errors, seed_everything, versions)
@@ -56,11 +56,11 @@ from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, 
 # learn's backbone, dropout and output dropout were chosen on validation NDCG@10 of beauty's sequential task
 # (docs/RESULTS.md section 8: the runs and their figures); the main job (scripts/main.sh) sets its own multi-task ones.
 RECIPES = {"learn": dict(backbone="mini", id_tokens="atomic", history="decoder", item_ids="random", item_init="auto",
-                         lr=1e-3, warmup_steps=100, batch_size=64, dropout=0.3, output_dropout="no", stop_on="ndcg",
-                         rank_users=5000, endure_times=5),
+                         lr=1e-3, warmup_steps=100, batch_size=64, dropout=0.3, output_dropout="no", output_scale="t5",
+                         stop_on="ndcg", rank_users=5000, endure_times=5),
            "paper": dict(backbone="t5-small", id_tokens="pieces", history="encoder", item_ids="published",
                          item_init="random", lr=5e-4, warmup_steps=0, batch_size=64, dropout=0.1, output_dropout="yes",
-                         stop_on="loss", rank_users=1000, endure_times=5)}
+                         output_scale="t5", stop_on="loss", rank_users=1000, endure_times=5)}
 STATE_JSON, STATE_TENSORS = "train_state.json", "train_state.safetensors"   # in out/last, with the weights
 
 
@@ -127,6 +127,14 @@ def parse_args(argv=None):
                         help="yes: T5's dropout after the decoder's final layer norm, right before the output layer; "
                              "no: none there (as SASRec; the input embeddings and every block keep theirs), which "
                              f"ranks better at every epoch measured (docs/RESULTS.md); {by_recipe('output_dropout')}")
+    parser.add_argument("--output_scale", choices=["t5", "none"], default=None,
+                        help="t5: the decoder's output is scaled by d_model**-0.5 before the tied output layer, as T5 "
+                             "does; none: plain dot products with the embeddings, as SASRec scores items (for small "
+                             "embeddings, --embedding_std); --item_init cooc vectors start at the std that gives "
+                             f"logits of std ~1 either way; {by_recipe('output_scale')}")
+    parser.add_argument("--embedding_std", type=float, default=None,
+                        help="a from-scratch backbone's embeddings (words, ids) start at this std (default: "
+                             "d_model**-0.5; SASRec's: 0.02)")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=None, help=f"samples a step; {by_recipe('batch_size')}")
     parser.add_argument("--endure_times", type=int, default=None,
@@ -196,6 +204,9 @@ def check_args(args):
         raise UserError("--history decoder reads items one after another in the decoder: it needs --id_tokens "
                         "atomic (sub-word pieces of one id can be the start of another); the paper's setting is "
                         "--history encoder")
+    if args.embedding_std is not None and args.backbone not in SIZES:
+        raise UserError(f"--embedding_std sets a from-scratch backbone's initial embeddings ({', '.join(SIZES)}); "
+                        f"{args.backbone} is pretrained")
     if args.item_init == "cooc" and args.id_tokens != "atomic":
         raise UserError("--item_init cooc sets one embedding row per item: it needs --id_tokens atomic")
     return ratio
@@ -293,7 +304,7 @@ def build_model(args, ds, codes, backbone, out, is_main):
         if not is_main:
             from transformers import AutoTokenizer
             tokenizer, spm_model = AutoTokenizer.from_pretrained(tok_dir), (tok_dir / "spm.model").read_bytes()
-        t5 = from_scratch_t5(backbone, tokenizer)
+        t5 = from_scratch_t5(backbone, tokenizer, args.embedding_std)
     else:
         t5, tokenizer = load_pretrained(backbone)
         if args.id_tokens == "atomic" and add_id_tokens(tokenizer, tasks.id_words(ds, codes)):
@@ -302,14 +313,24 @@ def build_model(args, ds, codes, backbone, out, is_main):
     set_dropout(model.t5, args.dropout)
     if args.output_dropout == "no":
         no_output_dropout(model.t5)
+    if args.output_scale == "none":
+        no_output_scale(model.t5)
     if args.item_init == "cooc":
-        # From scratch, at T5's own embedding scale (std 1): logits sharp enough to rank 12k items from the start,
-        # and rows that large move little under AdamW, so the structure survives (at std d_model**-0.5 the
-        # popularity gradient of the first minutes overwrites it). A pretrained backbone: at its embedding scale.
+        # From scratch, at the std that gives logits of std ~1 (T5's own embedding scale, std 1, under T5's output
+        # scale): sharp enough to rank 12k items from the start, and rows that large move little under AdamW, so the
+        # structure survives (much smaller, the popularity gradient of the first minutes overwrites it). A
+        # pretrained backbone: at its embedding scale.
         vectors = item_vectors(cooccurrence(ds), model.t5.config.d_model, args.seed)
-        n = init_item_embeddings(model.t5, tokenizer, vectors, std=1.0 if backbone in SIZES else None)
+        n = init_item_embeddings(model.t5, tokenizer, vectors, std=cooc_std(model.t5.config) if backbone in SIZES
+                                 else None)
         log(f"item embeddings: {n} of {ds.num_items} items start from co-occurrence vectors")
     return model, tokenizer, spm_model
+
+
+def cooc_std(config):
+    """The element std of co-occurrence item vectors whose dot products with a normalised decoder output (elements
+    ~1) have std ~1 after the output scale: 1 under T5's d_model**-0.5, d_model**-0.5 without it."""
+    return config.d_model ** -0.5 / output_scale(config)
 
 
 def load_last_model(out, device):

@@ -454,3 +454,46 @@ def test_no_output_dropout_drops_the_inputs_but_not_the_output(tokenizer, tmp_pa
     assert isinstance(loaded.t5.decoder.dropout, InputOnlyDropout) and loaded.t5.decoder.dropout.p == 0.5
     out, normed = outputs(loaded.t5)
     assert torch.equal(out, normed)
+
+
+def test_output_scale_is_one_switch_for_training_and_ranking(atomic_tokenizer, small_ds, tmp_path):
+    """--output_scale: the training loss over the items (HDRec.forward) and T5's own logits (which generation and
+    ranking read) scale the decoder's output the same way, d_model**-0.5 or (no_output_scale) not at all, and the
+    choice survives a checkpoint round trip."""
+    import random
+    import tasks
+    from module import no_output_scale, save_checkpoint, t5_config_for
+    encoder = tasks.WordEncoder(atomic_tokenizer)
+    items = encoder.single_item_tokens(small_ds.num_items)
+    assert items is not None
+    rng = random.Random(0)
+    users = [u for u in small_ds.users if len(small_ds.sequences[u]) >= 5][:6]
+    batch = tasks.collate(tasks.encode_samples(encoder, [tasks.sequential_sample(small_ds, u, rng, "train", "decoder")
+                                                         for u in users]), tasks.TASKS.index("sequential"))
+    torch.manual_seed(0)
+    model = HDRec(T5ForConditionalGeneration(t5_config_for("tiny", atomic_tokenizer)))
+    model.eval()
+
+    def losses(model):
+        """(HDRec's loss over the items, the same cross-entropy from T5's full logits)."""
+        model.set_item_tokens(items)
+        with torch.no_grad():
+            ours = model(batch)
+            embeds, mask = model.encoder_inputs(batch["input_ids"], batch["whole_word_ids"], batch["attention_mask"],
+                                                batch["task"])
+            logits = model.t5(inputs_embeds=embeds, attention_mask=mask,
+                              decoder_input_ids=batch["decoder_input_ids"]).logits
+        scored = batch["labels"] != -100
+        target = model.item_index[batch["labels"][scored]]
+        return ours, torch.nn.functional.cross_entropy(logits[scored][:, model.item_tokens], target)
+
+    scaled, reference = losses(model)
+    torch.testing.assert_close(scaled, reference)
+    no_output_scale(model.t5)
+    unscaled, reference = losses(model)
+    torch.testing.assert_close(unscaled, reference)
+    assert abs(unscaled - scaled) > 1e-3                             # the switch changed the logits
+    save_checkpoint(model, atomic_tokenizer, tmp_path / "ck", {"task_num": 4, "prompt_num": 3})
+    loaded, _, _ = load_checkpoint(tmp_path / "ck")
+    loaded.eval()
+    torch.testing.assert_close(losses(loaded)[0], unscaled)
