@@ -44,6 +44,7 @@ def test_help_says_what_each_recipe_gives(capsys):
     (["--id_tokens", "pieces"], "--history decoder reads items one after another"),
     (["--recipe", "paper", "--item_init", "cooc"], "--item_init cooc sets one embedding row per item"),
     (["--item_ids", "semantic", "--item_init", "cooc"], "--item_ids semantic gives every code level"),
+    (["--recipe", "paper", "--embedding_std", "0.02"], "--embedding_std sets a from-scratch backbone"),
 ])
 def test_flags_that_cannot_work_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
