@@ -332,7 +332,7 @@ def from_scratch_t5(size, tokenizer, embedding_std=None):
     Adafactor, whose steps are relative to each parameter's size; under AdamW (steps of ~lr whatever the scale) rows
     that large barely move in a short run, so the model learns item popularity long before it learns which items go
     together. The embeddings start at std d_model**-0.5 instead, the scale of the other weights, or at
-    `embedding_std`."""
+    `embedding_std` (0 or None: d_model**-0.5)."""
     t5 = T5ForConditionalGeneration(t5_config_for(size, tokenizer))
     with torch.no_grad():
         t5.shared.weight.normal_(0.0, embedding_std or t5.config.d_model ** -0.5)

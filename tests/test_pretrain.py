@@ -15,18 +15,24 @@ def flags(*argv):
 def test_a_recipe_sets_every_flag_it_names_unless_given(recipe):
     args = flags("--recipe", recipe)
     for flag, value in pretrain.RECIPES[recipe].items():
-        if flag != "item_init":
-            assert getattr(args, flag) == value
-    assert args.item_init == ("cooc" if recipe == "learn" else "random")      # auto resolved at once
+        assert getattr(args, flag) == value
+    assert flags("--recipe", recipe, "--item_init", "auto").item_init == ("cooc" if recipe == "learn" else "random")
     pretrain.check_args(args)                                                # each recipe is consistent
     explicit = flags("--recipe", recipe, "--lr", "0.02", "--stop_on", "loss", "--dropout", "0")
     assert (explicit.lr, explicit.stop_on, explicit.dropout) == (0.02, "loss", 0.0)
 
 
+def test_embedding_std_is_for_a_from_scratch_backbone():
+    assert flags("--backbone", "mini").embedding_std == pretrain.RECIPES["learn"]["embedding_std"]
+    assert flags("--backbone", "t5-small").embedding_std == 0.0           # the recipe's scale is not a pretrained's
+    assert flags("--backbone", "t5-small", "--embedding_std", "0").embedding_std == 0.0
+    pretrain.check_args(flags("--backbone", "t5-small", "--embedding_std", "0"))
+
+
 def test_item_init_auto_is_random_where_items_are_not_one_token():
-    assert flags("--item_ids", "collaborative").item_init == "random"
+    assert flags("--item_ids", "collaborative", "--item_init", "auto").item_init == "random"
     assert flags("--recipe", "paper", "--item_init", "auto").item_init == "random"
-    assert flags("--item_ids", "published").item_init == "cooc"
+    assert flags("--item_ids", "published", "--item_init", "auto").item_init == "cooc"
 
 
 def test_help_says_what_each_recipe_gives(capsys):
