@@ -63,6 +63,7 @@ RECIPES = {"learn": dict(backbone="tiny", id_tokens="atomic", history="decoder",
                          item_init="random", embedding_std=0.0, output_scale="t5", lr=5e-4, warmup_steps=0,
                          batch_size=64, dropout=0.1, output_dropout="yes", stop_on="loss", rank_users=1000,
                          endure_times=5)}
+STATE_JSON, STATE_TENSORS = "train_state.json", "train_state.safetensors"   # in out/last, with the weights
 
 
 # ---------------------------------------------------------------------------------------------------- flags
