@@ -58,7 +58,7 @@ from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, 
 # sets its own multi-task ones.
 RECIPES = {"learn": dict(backbone="tiny", id_tokens="atomic", history="decoder", item_ids="random", item_init="random",
                          embedding_std=0.02, output_scale="none", lr=1e-3, warmup_steps=100, batch_size=64,
-                         dropout=0.3, output_dropout="no", stop_on="ndcg", rank_users=5000, endure_times=5),
+                         dropout=0.3, output_dropout="no", stop_on="ndcg", rank_users=5000, endure_times=10),
            "paper": dict(backbone="t5-small", id_tokens="pieces", history="encoder", item_ids="published",
                          item_init="random", embedding_std=0.0, output_scale="t5", lr=5e-4, warmup_steps=0,
                          batch_size=64, dropout=0.1, output_dropout="yes", stop_on="loss", rank_users=1000,

@@ -30,6 +30,14 @@ RULE_NAMES = {"most_popular": "most popular", "recent_popular": "recent popular"
               "co_occurrence": "co-occurrence, last 3 items", "item_knn": "item kNN", "ease": "EASE"}
 
 
+def model_name(r):
+    """A results file's model as the table names it: the T5 (seq.py) by what was trained."""
+    if not r.get("backbone"):
+        return r["model"]
+    train_cfg = r.get("train_config") or {}
+    return f"T5 {r['backbone']} ({train_cfg.get('recipe', '?')} recipe, history in the {train_cfg.get('history', '?')})"
+
+
 def model_row(path):
     """(name, details, figures) of a results file's model, its rules' figures, the users it evaluated."""
     r = read_results(path)
@@ -37,10 +45,7 @@ def model_row(path):
         raise UserError(f"{path}: task {r['task']!r}, protocol {r['protocol']!r}; the table compares next-item "
                         f"ranking by {FULL_RANKING} (seq.py --protocol clean, hllm/main.py, scripts/sasrec_recbole.py)")
     train_cfg = r.get("train_config") or {}
-    name = r["model"]
-    if r.get("backbone"):          # the T5 (seq.py): named by what was trained
-        name = (f"T5 {r['backbone']} ({train_cfg.get('recipe', '?')} recipe, "
-                f"history in the {train_cfg.get('history', '?')})")
+    name = model_name(r)
     details = {"minutes": (r.get("training") or {}).get("minutes"), "ids": r.get("item_ids"),
                "seed": train_cfg.get("seed", (r.get("config") or {}).get("seed")),
                "protocol": FULL_RANKING + (f", top-{r['list_length']} lists" if r.get("list_length") else ""),
@@ -159,7 +164,7 @@ def curves(paths, out):
         if not log:
             continue
         seed = (r.get("config") or {}).get("seed")
-        label = f"{r['model']}, seed {seed}"
+        label = f"{model_name(r)}, seed {seed}"
         lines[label] = ([e["minutes"] for e in log], [e["val_NDCG@10"] for e in log])
         ax.plot(*lines[label], marker=".", label=label)
         rules.update(r["training"].get("val_rules") or {})

@@ -98,12 +98,14 @@ def test_learning_curves_of_every_file_that_has_one(tmp_path):
     ds = DS
     files = [write_results(tmp_path / "t5.json", task="seq", protocol=FULL_RANKING, model="HDRec (clean)", ds=ds,
                            users=USERS, ranks=[0, 3, 5, 9], reference_ranks=RULES, config={"seed": 1},
+                           backbone="tiny", train_config={"recipe": "learn", "history": "decoder"},
                            training={"minutes": 1.4, "log": t5_log, "val_rules": {"co_occurrence": .06}}),
              other_file(tmp_path / "hllm.json", "HSFT", [0, 15, 30, 1], 2022, 3.0)]
     sasrec = write_results(tmp_path / "sasrec.json", task="seq", protocol=FULL_RANKING, model="SASRec", ds=ds,
                            users=USERS, ranks=[1, 2, 3, 4], reference_ranks=RULES, config={"seed": 1},
                            training={"minutes": 0.5, "log": sasrec_log})
     lines, rules = compare.curves([*files, sasrec], tmp_path / "curves.png")
-    assert lines == {"HDRec (clean), seed 1": ([0.7, 1.4], [.031, .038]), "SASRec, seed 1": ([0.5], [.012])}
+    assert lines == {"T5 tiny (learn recipe, history in the decoder), seed 1": ([0.7, 1.4], [.031, .038]),
+                     "SASRec, seed 1": ([0.5], [.012])}     # named as in the table: two T5s stay apart
     assert rules == {"co_occurrence": .06}
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
