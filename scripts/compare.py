@@ -5,6 +5,9 @@ and a bar chart.
     python scripts/compare.py checkpoint/beauty/results_seq.json checkpoint/hllm/beauty/results.json \
         checkpoint/sasrec/beauty/results_seq.json --plot compare_beauty.png
 
+    # every dataset, every seed: one row per (dataset, model, settings), mean ± std over its seeds (the README's table)
+    python scripts/compare.py --across checkpoint/*/results_seq.json checkpoint/sasrec/*/results_seq.json
+
 Reads what seq.py (`--protocol clean`), hllm/main.py and scripts/sasrec_recbole.py write. Each row says its training
 minutes, item ids and seed; the reference rules come from the files too (every file ranks them by the same
 definitions; a rule whose figures differ between files that evaluated the same users is an error). Files whose data
@@ -13,6 +16,7 @@ has no figure past k (left blank). Below the table, paired tests over users (scr
 on per-user NDCG@10): every model against most popular and the strongest rule, and against each other model.
 """
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -20,7 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from repeat import paired_test, per_user  # noqa: E402
+from repeat import averaged, mean_std, paired_test, per_user  # noqa: E402
+import numpy as np  # noqa: E402
+
 from results import FULL_RANKING, read_results, rule_rows  # noqa: E402
 from utils import UserError, report_user_errors  # noqa: E402
 
@@ -182,6 +188,116 @@ def curves(paths, out):
     return lines, rules
 
 
+# ---------------------------------------------------------------------------------------------------- across
+
+# what a run was given that does not change what it trains: its seed, its paths, its device
+NOT_SETTINGS = {"seed", "checkpoint", "out", "data_dir", "cuda", "rank_users", "val_users", "save_minutes",
+                "log_interval", "no_bf16", "gradient_checkpointing", "micro_batch_tokens"}
+
+
+def dataset_name(r):
+    cfg = r.get("config") or {}
+    return Path(cfg["data_dir"]).name if cfg.get("data_dir") else (r.get("data_hashes") or {})["sequential.txt"][:8]
+
+
+def settings(r):
+    """The training settings of a results file's run (the T5's pretrain.py flags, or the baseline's own), seed and
+    paths left out: runs with equal settings are seeds of one configuration."""
+    cfg = r.get("train_config") or r.get("config") or {}
+    return {k: v for k, v in cfg.items() if k not in NOT_SETTINGS}
+
+
+def best_validation(r):
+    """The best validation NDCG@10 of the run's learning curve (None without one): how its settings were chosen."""
+    log = (r.get("training") or {}).get("log") or []
+    figures = [e["val_NDCG@10"] for e in log if e.get("val_NDCG@10") is not None]
+    return max(figures) if figures else None
+
+
+def rule_setting(r, rule):
+    """'lambda 100 of 20, 100, 500, 2000' for a rule chosen on validation; '' for a rule without a setting."""
+    chosen = (r.get("rule_settings") or {}).get(rule) or {}
+    if "setting" not in chosen:
+        return ""
+    tried = ", ".join(chosen.get("validation_NDCG@10", {}))
+    return "; ".join(f"{k} {v}" for k, v in chosen["setting"].items()) + (f" (of {tried}, on validation)" if tried
+                                                                          else "")
+
+
+def across(paths, metric=PAIRED_METRIC):
+    """Rows of every (dataset, model, settings) with its seeds' files; then each dataset's rules. A label names the
+    settings in which a model's configurations on a dataset differ."""
+    groups = {}
+    for path in paths:
+        (name, details, _), _, r = model_row(path)
+        key = (dataset_name(r), name, json.dumps(settings(r), sort_keys=True))
+        groups.setdefault(key, []).append((path, r, details))
+    for (dataset, name, _), runs in groups.items():
+        hashes = {(r.get("data_hashes") or {}).get("sequential.txt") for _, r, _ in runs}
+        if len(hashes) > 1:
+            raise UserError(f"{runs[0][0]}: seeds of one {name} on {dataset} ran on different splits")
+        seeds = [d.get("seed") for _, _, d in runs]
+        if len(set(seeds)) < len(seeds):
+            raise UserError(f"{runs[0][0]}: two runs of {name} on {dataset} with the same settings and seed {seeds[0]}")
+    rows = []
+    for dataset in dict.fromkeys(k[0] for k in groups):
+        keys = [k for k in groups if k[0] == dataset]
+        for key in keys:
+            _, name, frozen = key
+            runs = groups[key]
+            siblings = [json.loads(k[2]) for k in keys if k[1] == name]
+            mine = json.loads(frozen)
+            differ = [f"{k} {mine.get(k)}" for k in sorted(set().union(*siblings)) if any(s.get(k) != mine.get(k)
+                                                                                      for s in siblings)]
+            files = [p for p, _, _ in runs]
+            rules = {rule: averaged(files, metric, rule) for rule in RULE_NAMES
+                     if all(rule in (r.get("reference_ranks") or {}) for _, r, _ in runs)}
+            model = averaged(files, metric) if all("ranks" in r for _, r, _ in runs) else None
+            strongest = max(rules, key=lambda k: sum(rules[k].values()) / len(rules[k])) if rules else None
+            versus = paired_test(model, rules[strongest]) if model and strongest else None
+            val = [best_validation(r) for _, r, _ in runs]
+            rows.append({"dataset": dataset, "model": name + (f" ({', '.join(differ)})" if differ else ""),
+                         "family": name, "seeds": sorted(d.get("seed") for _, _, d in runs),
+                         "minutes": [d.get("minutes") for _, _, d in runs],
+                         "HR@10": [r["results"][r["model"]]["HR@10"] for _, r, _ in runs],
+                         metric: [r["results"][r["model"]][metric] for _, r, _ in runs],
+                         "val": [v for v in val if v is not None], "strongest": strongest, "versus": versus})
+        first = groups[keys[0]][0][1]
+        for rule, label in RULE_NAMES.items():
+            if rule in first["results"]:
+                setting = rule_setting(first, rule)
+                rows.append({"dataset": dataset, "model": f"{label} (no training{'; ' + setting if setting else ''})",
+                             "family": rule, "seeds": [], "minutes": [], "val": [], "versus": None,
+                             "HR@10": [first["results"][rule]["HR@10"]], metric: [first["results"][rule][metric]]})
+    return rows
+
+
+def across_markdown(rows, metric=PAIRED_METRIC):
+    """The table: mean ± std over seeds; the model family's configuration with the best validation figure on a
+    dataset in bold (the one its settings were chosen by); the paired test against the strongest rule."""
+    chosen = {}
+    for i, row in enumerate(rows):
+        if row["val"]:
+            key = (row["dataset"], row["family"])
+            best = chosen.get(key)
+            if best is None or np.mean(row["val"]) > np.mean(rows[best]["val"]):
+                chosen[key] = i
+    lines = [f"| dataset | model | seeds | minutes | validation {metric} | HR@10 | {metric} | "
+             f"{metric} - strongest rule (t-test p) |", "|---|---|---|---|---|---|---|---|"]
+    for i, row in enumerate(rows):
+        minutes = [m for m in row["minutes"] if m is not None]
+        v = row["versus"]
+        configurations = sum(r["dataset"] == row["dataset"] and r["family"] == row["family"] for r in rows)
+        name = f"**{row['model']}**" if configurations > 1 and chosen.get((row["dataset"], row["family"])) == i \
+            else row["model"]
+        lines.append(f"| {row['dataset']} | {name} | {', '.join(map(str, row['seeds'])) or '—'} | "
+                     f"{f'{np.mean(minutes):.1f}' if minutes else '—'} | {mean_std(row['val'])} | "
+                     f"{mean_std(row['HR@10'])} | {mean_std(row[metric])} | "
+                     + (f"{v['difference']:+.4f} vs {RULE_NAMES[row['strongest']]} ({v['t_test_p']:.2g})" if v
+                        else "") + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", type=Path)
@@ -189,7 +305,15 @@ def main(argv=None):
     p.add_argument("--curves", type=Path, default=None,
                    help="learning curves (PNG): each model's validation NDCG@10 (all items ranked, history excluded, "
                         "the seeded --rank_users sample) against training minutes, the rules as horizontal lines")
+    p.add_argument("--across", action="store_true",
+                   help="files of several datasets and seeds: one row per dataset, model and settings, mean ± std "
+                        "over seeds, the validation figure that chose the settings, the test against the strongest "
+                        "rule")
     args = p.parse_args(argv)
+    if args.across:
+        rows = across(args.files)
+        print(across_markdown(rows))
+        return rows
     rows = table(args.files)
     text = markdown(rows)
     print(text)

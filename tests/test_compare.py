@@ -109,3 +109,37 @@ def test_learning_curves_of_every_file_that_has_one(tmp_path):
                      "SASRec, seed 1": ([0.5], [.012])}     # named as in the table: two T5s stay apart
     assert rules == {"co_occurrence": .06}
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_across_datasets_and_seeds(tmp_path, capsys):
+    """--across: one row per (dataset, model, settings), mean ± sample std over its seeds, the configuration with the
+    best validation figure in bold, the paired test against the strongest rule over seed-averaged users; each
+    dataset's rules once, with the setting validation chose; the same settings and seed twice is refused."""
+    def run(name, dataset, seed, ranks, batch, val):
+        ds = dataclasses.replace(DS, hashes={"sequential.txt": dataset})
+        return write_results(tmp_path / f"{dataset}_{batch}_{seed}.json", task="seq", protocol=FULL_RANKING,
+                             model="SASRec", ds=ds, users=USERS, ranks=ranks, reference_ranks=RULES,
+                             config={"data_dir": f"data/{dataset}", "seed": seed, "batch_size": batch},
+                             training={"minutes": 2.0 * seed, "log": [{"minutes": 1, "val_NDCG@10": val}]},
+                             rule_settings={"ease": {"setting": {"lambda": 100},
+                                                     "validation_NDCG@10": {"20": .01, "100": .02}}})
+    files = [run("SASRec", "beauty", 1, [0, 0, 40, 40], 256, .05), run("SASRec", "beauty", 2, [0, 40, 40, 40], 256, .07),
+             run("SASRec", "beauty", 1, [1, 1, 1, 1], 2048, .04), run("SASRec", "toys", 1, [0, 1, 2, 3], 256, .03)]
+    rows = compare.main(["--across", *map(str, files)])
+    out = capsys.readouterr().out
+    assert [(r["dataset"], r["model"]) for r in rows][:3] == [("beauty", "SASRec (batch_size 256)"),
+                                                              ("beauty", "SASRec (batch_size 2048)"),
+                                                              ("beauty", "most popular (no training)")]
+    b256 = rows[0]
+    assert b256["seeds"] == [1, 2] and b256["NDCG@10"] == [.5, .25]
+    ease = (1 + 1 / math.log2(3) + 0 + 1 / math.log2(11)) / 4             # the strongest rule on these users
+    assert b256["strongest"] == "ease" and b256["versus"]["mean_b"] == pytest.approx(ease)
+    assert b256["versus"]["mean_a"] == pytest.approx((1 + .5) / 4)         # each user averaged over the two seeds
+    assert "| beauty | **SASRec (batch_size 256)** | 1, 2 | 3.0 | 0.0600 ± 0.0141 | 0.3750 ± 0.1768 | " \
+           "0.3750 ± 0.1768 |" in out
+    assert "| beauty | SASRec (batch_size 2048) | 1 |" in out                 # worse on validation: not bold
+    assert "| toys | SASRec | 1 |" in out                                   # one configuration there: no settings
+    assert "EASE (no training; lambda 100 (of 20, 100, on validation))" in out
+    assert sum(r["model"].startswith("EASE") for r in rows) == 2              # once per dataset
+    with pytest.raises(UserError, match="same settings and seed 1"):
+        compare.across([files[0], files[0]])
