@@ -221,28 +221,29 @@ def full_ranking(history, encoder, ds, protocol="clean"):
 
 
 def rank_next(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=20, top_k=10, batch_size=32, seed=1,
-              progress=True, history="encoder", split="test"):
+              progress=True, history="encoder", split="test", name_user=True):
     """(ranks, top-k lists, list length) of each user's `split` item (test, or val: the history then ends before
     the validation item), ranked by ranking.rank_targets. Full ranking where the model scores every item
     (list length None); else its beam lists (clean: constrained to valid, not-yet-bought ids; paper: unconstrained,
-    nothing excluded), scored by ranking.list_scores (list length top_k)."""
+    nothing excluded), scored by ranking.list_scores (list length top_k). name_user: whether the prompt names the
+    user (the run's --name_user)."""
     _, histories, targets = eval_cases(ds, split, users)
     if full_ranking(history, encoder, ds, protocol):
         ranks, lists = [], []
         for start in progress_bar(range(0, len(users), batch_size), desc="seq", disable=not progress):
             h, t = histories[start:start + batch_size], targets[start:start + batch_size]
-            scores = next_item_scores(model, encoder, ds, users[start:start + batch_size], split)
+            scores = next_item_scores(model, encoder, ds, users[start:start + batch_size], split, name_user)
             ranks += rank_targets(scores, h, t)
             lists += top_lists(scores, h, top_k)
         return ranks, lists, None
     lists = recommend_next(model, tokenizer, encoder, ds, users, protocol, num_beams, top_k, batch_size, seed,
-                           progress, history, split)
+                           progress, history, split, name_user=name_user)
     excluded = histories if protocol == "clean" else [()] * len(users)
     return rank_targets(list_scores(lists, ds.num_items), excluded, targets), lists, top_k
 
 
 def recommend_next(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=20, top_k=10, batch_size=32,
-                   seed=1, progress=True, history="encoder", split="test", exclude_bought=True):
+                   seed=1, progress=True, history="encoder", split="test", exclude_bought=True, name_user=True):
     """Top-k next-item lists (item ids, None for an invalid id) for each user's `split` step. history: where the
     model reads it (tasks.HISTORY_PLACES). exclude_bought=False: the clean protocol's valid ids, bought ones included
     (the model's raw preference, for the history-swap test)."""
@@ -251,7 +252,7 @@ def recommend_next(model, tokenizer, encoder, ds, users, protocol="clean", num_b
     if full_ranking(history, encoder, ds, protocol):
         lists = []
         for start in progress_bar(range(0, len(users), batch_size), desc="seq", disable=not progress):
-            scores = next_item_scores(model, encoder, ds, users[start:start + batch_size], split)
+            scores = next_item_scores(model, encoder, ds, users[start:start + batch_size], split, name_user)
             excluded = histories[start:start + batch_size] if exclude_bought else [()] * len(scores)
             lists += top_lists(scores, excluded, top_k)
         return lists
@@ -262,7 +263,7 @@ def recommend_next(model, tokenizer, encoder, ds, users, protocol="clean", num_b
     lists = []
     for start in progress_bar(range(0, len(users), batch_size), desc="seq", disable=not progress):
         chunk = users[start:start + batch_size]
-        samples = [tasks.sequential_sample(ds, u, rng, split, history) for u in chunk]
+        samples = [tasks.sequential_sample(ds, u, rng, split, history, name_user) for u in chunk]
         batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), tasks.TASKS.index("sequential")),
                                 device)
         batch.pop("decoder_input_ids", None)
@@ -282,12 +283,12 @@ def recommend_next(model, tokenizer, encoder, ds, users, protocol="clean", num_b
     return lists
 
 
-def next_item_scores(model, encoder, ds, users, split="test"):
+def next_item_scores(model, encoder, ds, users, split="test", name_user=True):
     """--history decoder with one-token item ids: log p(item | user, history) of every item for each user, as a
     (len(users), num_items + 1) float tensor on the CPU (column 0, the padding id: -inf), for ranking.py."""
     device = model.device
     rng = random.Random(0)        # the evaluation template is fixed: nothing is drawn
-    samples = [tasks.sequential_sample(ds, u, rng, split, "decoder") for u in users]
+    samples = [tasks.sequential_sample(ds, u, rng, split, "decoder", name_user) for u in users]
     batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), tasks.TASKS.index("sequential")),
                             device)
     batch.pop("decoder_input_ids")

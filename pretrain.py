@@ -58,11 +58,12 @@ from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, 
 # sets its own multi-task ones.
 RECIPES = {"learn": dict(backbone="tiny", id_tokens="atomic", history="decoder", item_ids="random", item_init="random",
                          embedding_std=0.02, output_scale="none", lr=1e-3, warmup_steps=100, batch_size=64,
-                         dropout=0.3, output_dropout="no", stop_on="ndcg", rank_users=5000, endure_times=10),
+                         dropout=0.3, output_dropout="no", stop_on="ndcg", rank_users=5000, endure_times=10,
+                         name_user="yes"),
            "paper": dict(backbone="t5-small", id_tokens="pieces", history="encoder", item_ids="published",
                          item_init="random", embedding_std=0.0, output_scale="t5", lr=5e-4, warmup_steps=0,
                          batch_size=64, dropout=0.1, output_dropout="yes", stop_on="loss", rank_users=1000,
-                         endure_times=5)}
+                         endure_times=5, name_user="yes")}
 STATE_JSON, STATE_TENSORS = "train_state.json", "train_state.safetensors"   # in out/last, with the weights
 
 
@@ -99,6 +100,10 @@ def parse_args(argv=None):
                         help="where the sequential task reads the user's history: decoder (teacher-forced, every "
                              "position predicts its next item, as SASRec trains; needs --id_tokens atomic) or encoder "
                              f"(in the prompt, one target per sample: P5 / POD / HDRec); {by_recipe('history')}")
+    parser.add_argument("--name_user", choices=["yes", "no"], default=None,
+                        help="whether the sequential task's prompt names the user (user_N, one embedding row per "
+                             "user: P5 / POD / HDRec) or only the history says who it is (no: as SASRec, which has no "
+                             f"user embedding); the other tasks always name the user; {by_recipe('name_user')}")
     parser.add_argument("--item_ids", choices=SCHEMES, default=None,
                         help="how items are named (item_codes.py): random (a seeded permutation), sequential "
                              "(numbered by first appearance in the training parts), collaborative / semantic "
@@ -351,7 +356,8 @@ def run_meta(args, ds, ratio, backbone, item_map, codes):
     """config.json's "hdrec" part: what seq.py / topn.py / exp.py need to read the model, and how it was trained."""
     return {"task_num": len(tasks.TASKS), "prompt_num": args.prompt_num, "tasks": list(tasks.TASKS), "ratio": ratio,
             "backbone": backbone, "id_tokens": args.id_tokens, "history": args.history, "item_ids": args.item_ids,
-            "item_map": item_map, "item_codes": codes and [list(codes[i]) for i in range(1, ds.num_items + 1)],
+            "name_user": args.name_user == "yes", "item_map": item_map,
+            "item_codes": codes and [list(codes[i]) for i in range(1, ds.num_items + 1)],
             "seed": args.seed, "data_dir": str(args.data_dir), "data_hashes": ds.hashes, "args": vars(args),
             "versions": versions()}
 
@@ -384,7 +390,7 @@ def lr_at(step, steps_per_epoch, args):
 
 def sample_options(args):
     return {"negative_num": args.negative_num, "explanation_target": args.explanation_target,
-            "exp_len": args.exp_len, "history": args.history}
+            "exp_len": args.exp_len, "history": args.history, "name_user": args.name_user == "yes"}
 
 
 @dataclass
@@ -494,7 +500,8 @@ def validate_ranking(run, users):
     run.model.eval()
     ranks, _, list_length = rank_next(run.model, run.tokenizer, run.encoder, run.ds, users, "clean", num_beams=20,
                                       top_k=10, batch_size=64, seed=run.args.seed, progress=False,
-                                      history=run.args.history, split="val")
+                                      history=run.args.history, split="val",
+                                      name_user=run.args.name_user == "yes")
     run.model.train()
     m = ranking_metrics(ranks, list_length)
     return {k: m[k] for k in ("HR@10", "NDCG@10")}

@@ -27,11 +27,11 @@ args = p.parse_args()
 started = time.time()
 
 model, tokenizer, meta, ds, encoder, device = load_run(args)
-history = meta.get("history", "encoder")
+history, name_user = meta.get("history", "encoder"), meta.get("name_user", True)
 users = eval_users(ds, args.users, args.seed)
 t0 = time.time()
 ranks, lists, list_length = rank_next(model, tokenizer, encoder, ds, users, args.protocol, args.num_beams,
-                                      args.top_k, args.batch_size, args.seed, history=history)
+                                      args.top_k, args.batch_size, args.seed, history=history, name_user=name_user)
 speed = len(users) / (time.time() - t0)
 
 model_name = f"HDRec ({args.protocol})"
@@ -47,7 +47,8 @@ if args.sensitivity_users:
     # the model's own lists with nothing excluded, before and after the swap
     personal[model_name]["input_sensitivity"] = input_sensitivity(
         lambda d, us: recommend_next(model, tokenizer, encoder, d, us, "clean", args.num_beams, args.top_k,
-                                     args.batch_size, args.seed, progress=False, history=history, exclude_bought=False),
+                                     args.batch_size, args.seed, progress=False, history=history, exclude_bought=False,
+                                     name_user=name_user),
         ds, users, args.sensitivity_users, args.seed)
 print_table(rows, f"sequential, {len(users)} users, item ids {meta.get('item_ids', 'published')}, "
                   + (f"{args.num_beams} beams, top-{list_length} lists, " if list_length else "all items ranked, ")

@@ -125,7 +125,8 @@ def fill(template, user=None, item=None, history=(), candidates=()):
     words = []
     for w in template.split():
         if w == "{user}":
-            words.append(user_word(user))
+            if user is not None:                  # None: the prompt names no one (--name_user no)
+                words.append(user_word(user))
         elif w == "{item}":
             words.append(item_word(item))
         elif w == "{history}":
@@ -157,17 +158,20 @@ class ItemSequence(NamedTuple):
     scored: int = None
 
 
-def sequential_sample(ds, user, rng, split="train", history="encoder", **opts):
+def sequential_sample(ds, user, rng, split="train", history="encoder", name_user=True, **opts):
+    """name_user=False: the prompt leaves the user's id out; the history alone says who it is (SASRec has no user
+    embedding: one row per user, seen once an epoch, is a way to memorise the training items)."""
     seq = ds.sequences[user]
+    named = user if name_user else None
     if history == "decoder":
         if split == "train":    # a window of up to HISTORY_LEN + 1 training items, every one of them a target
             train = seq[:-2]
             end = rng.randint(min(len(train), HISTORY_LEN + 1), len(train))
             window, template = train[max(0, end - HISTORY_LEN - 1):end], rng.choice(TEMPLATES["sequential_decoder"])
-            return fill(template, user=user), ItemSequence(window)
+            return fill(template, user=named), ItemSequence(window)
         end = len(seq) - (2 if split == "val" else 1)
         window = seq[max(0, end - HISTORY_LEN):end + 1]
-        return fill(TEMPLATES["sequential_decoder"][0], user=user), ItemSequence(window, scored=1)
+        return fill(TEMPLATES["sequential_decoder"][0], user=named), ItemSequence(window, scored=1)
     if split == "train":
         train = seq[:-2]
         t = rng.randrange(1, len(train))         # a random window of the training part
@@ -175,7 +179,7 @@ def sequential_sample(ds, user, rng, split="train", history="encoder", **opts):
     else:
         end = len(seq) - (2 if split == "val" else 1)
         history, target, template = seq[max(0, end - HISTORY_LEN):end], seq[end], TEMPLATES["sequential"][0]
-    return fill(template, user=user, history=history), item_word(target)
+    return fill(template, user=named, history=history), item_word(target)
 
 
 def topn_candidates(ds, user, rng, split, negative_num=NUM_CANDIDATES - 1, position=None):

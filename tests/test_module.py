@@ -497,3 +497,31 @@ def test_output_scale_is_one_switch_for_training_and_ranking(atomic_tokenizer, s
     loaded, _, _ = load_checkpoint(tmp_path / "ck")
     loaded.eval()
     torch.testing.assert_close(losses(loaded)[0], unscaled)
+
+
+def test_name_user_no_leaves_the_user_out_and_scores_follow_the_history_alone(atomic_tokenizer, small_ds):
+    """--name_user no: no sequential prompt names the user (training, validation, test; history in the encoder or
+    the decoder), so two users with the same history get the same scores; with the user named they differ."""
+    import dataclasses
+    import random
+    import tasks
+    from evaluation import next_item_scores
+    from module import t5_config_for, user_word
+    a, b = [u for u in small_ds.users if len(small_ds.sequences[u]) >= 5][:2]
+    for split in ("train", "val", "test"):
+        for history in tasks.HISTORY_PLACES:
+            named, _ = tasks.sequential_sample(small_ds, a, random.Random(0), split, history)
+            anonymous, _ = tasks.sequential_sample(small_ds, a, random.Random(0), split, history, name_user=False)
+            assert user_word(a) in named and not any(w.startswith("user_") for w in anonymous)
+    ds = dataclasses.replace(small_ds, sequences={**small_ds.sequences, b: list(small_ds.sequences[a])})
+    encoder = tasks.WordEncoder(atomic_tokenizer)
+    torch.manual_seed(0)
+    model = HDRec(T5ForConditionalGeneration(t5_config_for("tiny", atomic_tokenizer)))
+    with torch.no_grad():                                   # user rows far apart, so naming them shows
+        model.t5.shared.weight.normal_(0.0, 1.0)
+    model.eval()
+    model.set_item_tokens(encoder.single_item_tokens(ds.num_items))
+    same = next_item_scores(model, encoder, ds, [a, b], "test", name_user=False)
+    torch.testing.assert_close(same[0], same[1])
+    differ = next_item_scores(model, encoder, ds, [a, b], "test")
+    assert not torch.allclose(differ[0, 1:], differ[1, 1:])

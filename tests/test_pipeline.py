@@ -262,16 +262,17 @@ def test_resume_after_a_crash_between_state_files(random_run, data64, tmp_path, 
 
 
 def test_atomic_id_tokens_end_to_end(data64, tmp_path, python, script_env):
-    """--id_tokens atomic (with --item_init cooc and --dropout): each id is one token; the checkpoint says so; seq.py
-    and topn.py run on it, and the clean protocol's lists are valid."""
+    """--id_tokens atomic (with --item_init cooc, --dropout and --name_user no): each id is one token; the checkpoint
+    says so; seq.py and topn.py run on it, and the clean protocol's lists are valid."""
     ckpt = tmp_path / "atomic"
     log = train_random(python, script_env, data64, ckpt, "--id_tokens", "atomic", "--item_init", "cooc",
-                       "--dropout", "0.05")
+                       "--dropout", "0.05", "--name_user", "no")
     assert "items start from co-occurrence vectors" in log
     model, tokenizer, meta = load_checkpoint(ckpt)
     ds = load_dataset(data64, log=quiet)
     assert meta["id_tokens"] == "atomic" and model.t5.config.vocab_size == len(tokenizer)
     assert meta["args"]["item_init"] == "cooc" and model.t5.config.dropout_rate == 0.05
+    assert meta["name_user"] is False                      # seq.py reads it: its prompts leave the user out too
     words = [f"item_{i}" for i in range(1, ds.num_items + 1)] + [f"user_{u}" for u in ds.users]
     assert all(len(ids) == 1 for ids in tokenizer(words, add_special_tokens=False)["input_ids"])
     run(python, script_env, "seq.py", "--data_dir", data64, "--checkpoint", ckpt, "--batch_size", 64)
