@@ -159,6 +159,8 @@ class HDRec(nn.Module):
         self.item_tokens = None     # set_item_tokens: the softmax of item-sequence targets runs over these only
         if getattr(t5.config, "hdrec_output_dropout", True) is False:
             no_output_dropout(t5)
+        if getattr(t5.config, "hdrec_input_scale", "none") != "none":
+            set_input_scale(t5, t5.config.hdrec_input_scale)
 
     def set_item_tokens(self, token_ids):
         """Token ids of the atomic item ids. Batches with decoder_input_ids (--history decoder), whose every label is
@@ -310,6 +312,32 @@ def t5_config_for(size, tokenizer):
     return T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
                     feed_forward_proj="relu", dropout_rate=0.1, tie_word_embeddings=True, **SIZES[size])
+
+
+INPUT_SCALES = ("none", "sqrt_d", "norm")
+
+
+def set_input_scale(t5, how):
+    """How token embeddings enter the blocks (encoder and decoder): none (T5: as they are), sqrt_d (times
+    d_model**0.5, as the Transformer and the original SASRec) or norm (each scaled to unit RMS, as RecBole's SASRec
+    layer-normalises its input). Embeddings that start small (std .02) and stay small for rare items otherwise enter
+    the residual stream ~50x below the blocks' outputs, and the last item, the strongest clue to the next one, is
+    barely heard when it is rare (docs/RESULTS.md section 8). The tied output layer reads the raw embeddings either
+    way. A hook on every embedding module (they share one weight); recorded in the config (hdrec_input_scale), so a
+    loaded model is rebuilt the same way."""
+    if how not in INPUT_SCALES:
+        raise ValueError(f"input scale must be one of {INPUT_SCALES}, got {how!r}")
+    t5.config.hdrec_input_scale = how
+    factor = t5.config.d_model ** 0.5
+
+    def scaled(module, args, out):
+        if how == "sqrt_d":
+            return out * factor
+        return out * torch.rsqrt(out.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(out.dtype)
+    for module in {id(m): m for m in (t5.shared, t5.encoder.embed_tokens, t5.decoder.embed_tokens)}.values():
+        if getattr(module, "hdrec_input_hook", None) is not None:       # set again (a resumed run): replace
+            module.hdrec_input_hook.remove()
+        module.hdrec_input_hook = module.register_forward_hook(scaled) if how != "none" else None
 
 
 def no_output_scale(t5):

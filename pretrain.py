@@ -45,7 +45,8 @@ from item_codes import CODE_SCHEMES, SCHEMES, item_codes, item_map_for, parse_br
 from evaluation import rank_next
 from metrics import ranking_metrics
 from module import HDRec, SIZES, add_id_tokens, backward_batch, copy_checkpoint, from_scratch_t5, \
-    init_item_embeddings, load_checkpoint, load_pretrained, no_output_dropout, no_output_scale, output_scale, \
+    INPUT_SCALES, init_item_embeddings, load_checkpoint, load_pretrained, no_output_dropout, no_output_scale, \
+    output_scale, set_input_scale, \
     resolve_backbone, set_dropout, save_checkpoint, task_best_dir, train_tokenizer
 from ranking import GRIDS, LEAK_RULES, RULE_NAMES, curve_users, rule_ranks
 from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, pick_device, progress_bar,
@@ -59,11 +60,11 @@ from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, 
 RECIPES = {"learn": dict(backbone="tiny", id_tokens="atomic", history="decoder", item_ids="random", item_init="random",
                          embedding_std=0.02, output_scale="none", lr=1e-3, warmup_steps=100, batch_size=64,
                          dropout=0.3, output_dropout="no", stop_on="ndcg", rank_users=5000, endure_times=10,
-                         name_user="yes"),
+                         name_user="yes", input_scale="none"),
            "paper": dict(backbone="t5-small", id_tokens="pieces", history="encoder", item_ids="published",
                          item_init="random", embedding_std=0.0, output_scale="t5", lr=5e-4, warmup_steps=0,
                          batch_size=64, dropout=0.1, output_dropout="yes", stop_on="loss", rank_users=1000,
-                         endure_times=5, name_user="yes")}
+                         endure_times=5, name_user="yes", input_scale="none")}
 STATE_JSON, STATE_TENSORS = "train_state.json", "train_state.safetensors"   # in out/last, with the weights
 
 
@@ -139,6 +140,11 @@ def parse_args(argv=None):
                              "does; none: plain dot products with the embeddings, as SASRec scores items (for small "
                              "embeddings, --embedding_std); --item_init cooc vectors start at the std that gives "
                              f"logits of std ~1 either way; {by_recipe('output_scale')}")
+    parser.add_argument("--input_scale", choices=INPUT_SCALES, default=None,
+                        help="how token embeddings enter the blocks: none (T5), sqrt_d (times d_model**0.5, as the "
+                             "Transformer and SASRec) or norm (each to unit RMS, as RecBole's SASRec normalises its "
+                             "input); the tied output layer reads the raw embeddings either way; "
+                             + by_recipe("input_scale"))
     parser.add_argument("--embedding_std", type=float, default=None,
                         help="a from-scratch backbone's embeddings (words, ids) start at this std (SASRec's: 0.02; "
                              "0: the backbone's own: d_model**-0.5 from scratch, the scale of T5's other weights; a "
@@ -326,6 +332,7 @@ def build_model(args, ds, codes, backbone, out, is_main):
         no_output_dropout(model.t5)
     if args.output_scale == "none":
         no_output_scale(model.t5)
+    set_input_scale(model.t5, args.input_scale)
     if args.item_init == "cooc":
         # From scratch, at the std that gives logits of std ~1 (T5's own embedding scale, std 1, under T5's output
         # scale): sharp enough to rank 12k items from the start, and rows that large move little under AdamW, so the

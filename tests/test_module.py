@@ -525,3 +525,38 @@ def test_name_user_no_leaves_the_user_out_and_scores_follow_the_history_alone(at
     torch.testing.assert_close(same[0], same[1])
     differ = next_item_scores(model, encoder, ds, [a, b], "test")
     assert not torch.allclose(differ[0, 1:], differ[1, 1:])
+
+
+@pytest.mark.parametrize("how", ["sqrt_d", "norm"])
+def test_input_scale_scales_what_enters_the_blocks_not_the_output_layer(atomic_tokenizer, small_ds, tmp_path, how):
+    """--input_scale: token embeddings enter the encoder and decoder times d_model**0.5 (sqrt_d) or at unit RMS
+    (norm); the tied output layer keeps the raw weights; setting it again does not scale twice; a checkpoint
+    round trip rebuilds it (the same scores)."""
+    import random
+    import tasks
+    from evaluation import next_item_scores
+    from module import save_checkpoint, set_input_scale, t5_config_for
+    torch.manual_seed(0)
+    model = HDRec(T5ForConditionalGeneration(t5_config_for("tiny", atomic_tokenizer)))
+    model.eval()
+    t5, ids = model.t5, torch.tensor([[5, 9, 17]])
+    raw = t5.shared.weight[ids].detach()
+    encoder = tasks.WordEncoder(atomic_tokenizer)
+    model.set_item_tokens(encoder.single_item_tokens(small_ds.num_items))
+    users = [u for u in small_ds.users if len(small_ds.sequences[u]) >= 3][:4]
+    before = next_item_scores(model, encoder, small_ds, users)
+    set_input_scale(t5, how)
+    set_input_scale(t5, how)                                          # twice: still once
+    expected = raw * 64 ** 0.5 if how == "sqrt_d" else raw / raw.pow(2).mean(-1, keepdim=True).sqrt()
+    for module in (t5.shared, t5.decoder.embed_tokens, t5.encoder.embed_tokens):
+        torch.testing.assert_close(module(ids), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(t5.lm_head.weight[ids], raw)                   # the output layer reads the raw rows
+    after = next_item_scores(model, encoder, small_ds, users)
+    assert not torch.allclose(after[:, 1:], before[:, 1:])
+    save_checkpoint(model, atomic_tokenizer, tmp_path / "ck", {"task_num": 4, "prompt_num": 3})
+    loaded, _, _ = load_checkpoint(tmp_path / "ck")
+    loaded.eval()
+    loaded.set_item_tokens(encoder.single_item_tokens(small_ds.num_items))
+    torch.testing.assert_close(next_item_scores(loaded, encoder, small_ds, users), after)
+    set_input_scale(t5, "none")
+    torch.testing.assert_close(next_item_scores(model, encoder, small_ds, users), before)
