@@ -143,3 +143,15 @@ def test_across_datasets_and_seeds(tmp_path, capsys):
     assert sum(r["model"].startswith("EASE") for r in rows) == 2              # once per dataset
     with pytest.raises(UserError, match="same settings and seed 1"):
         compare.across([files[0], files[0]])
+
+
+def test_by_last_item_bins_users_by_the_training_count_of_their_last_history_item():
+    """scripts/by_last_item.py: the test's last history item is seq[-2]; its count is over the training parts
+    (seq[:-2] of every user)."""
+    import by_last_item
+    ds = dataclasses.replace(DS, sequences={1: [1, 2, 3, 9, 4], 2: [1, 2, 5, 6], 3: [2, 2, 7, 8], 4: [1, 3, 2, 9]})
+    # training parts [1, 2, 3], [1, 2], [2, 2], [1, 3]: item 2 occurs 4 times; 9, 5 and 7 (users 1-3) never
+    figures = {1: 1.0, 2: 0.5, 3: 0.0, 4: 0.25}
+    out = by_last_item.by_count(ds, figures, bins=((0, 1), (1, 4), (4, None)))
+    assert list(out) == ["0", "1-3", "4+"]
+    assert out["0"] == (3, 0.5) and out["4+"] == (1, 0.25) and out["1-3"][0] == 0 and math.isnan(out["1-3"][1])
