@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from compare import model_name  # noqa: E402
+from compare import distinct_names  # noqa: E402
 from dataset import load_dataset  # noqa: E402
 from repeat import per_user  # noqa: E402
 from results import read_results  # noqa: E402
@@ -43,7 +43,8 @@ def main(argv=None):
     p.add_argument("--metric", default="NDCG@10")
     args = p.parse_args(argv)
     ds = load_dataset(args.data_dir, log=lambda m: None)
-    rows = {model_name(read_results(f)): by_count(ds, per_user(f, args.metric)) for f in args.files}
+    names = distinct_names([read_results(f) for f in args.files])
+    rows = {name: by_count(ds, per_user(f, args.metric)) for name, f in zip(names, args.files)}
     first = read_results(args.files[0])
     rows.update({rule: by_count(ds, per_user(args.files[0], args.metric, rule)) for rule in RULES
                  if rule in first.get("reference_ranks", {})})

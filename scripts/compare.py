@@ -44,6 +44,44 @@ def model_name(r):
     return f"T5 {r['backbone']} ({train_cfg.get('recipe', '?')} recipe, history in the {train_cfg.get('history', '?')})"
 
 
+# what a run was given that does not change what it trains: its seed, its paths, its device
+NOT_SETTINGS = {"seed", "checkpoint", "out", "data_dir", "cuda", "rank_users", "val_users", "save_minutes",
+                "log_interval", "no_bf16", "gradient_checkpointing", "micro_batch_tokens"}
+
+
+def dataset_name(r):
+    cfg = r.get("config") or {}
+    return Path(cfg["data_dir"]).name if cfg.get("data_dir") else (r.get("data_hashes") or {})["sequential.txt"][:8]
+
+
+# pretrain.py flags added after some runs were made: what those runs did
+FLAGS_BEFORE_THEY_EXISTED = {"name_user": "yes", "input_scale": "none"}
+
+
+def settings(r):
+    """The training settings of a results file's run (the T5's pretrain.py flags, or the baseline's own), seed and
+    paths left out: runs with equal settings are seeds of one configuration."""
+    cfg = r.get("train_config")
+    cfg = {**FLAGS_BEFORE_THEY_EXISTED, **cfg} if cfg else r.get("config") or {}
+    return {k: v for k, v in cfg.items() if k not in NOT_SETTINGS}
+
+
+def distinct_names(records):
+    """Each results file's model_name, followed by the settings in which its run differs from the other files'
+    runs of that name (seeds of one configuration share a name)."""
+    names = [model_name(r) for r in records]
+    out = []
+    for r, name in zip(records, names):
+        siblings, mine = [settings(o) for o, n in zip(records, names) if n == name], settings(r)
+        differ = [f"{k} {mine.get(k)}" for k in sorted(set().union(*siblings))
+                  if any(s.get(k) != mine.get(k) for s in siblings)]
+        out.append(name + (f" ({', '.join(differ)})" if differ else ""))
+    return out
+
+
+
+
+
 def model_row(path):
     """(name, details, figures) of a results file's model, its rules' figures, the users it evaluated."""
     r = read_results(path)
@@ -73,13 +111,16 @@ def same_rule(a, b, rule):
 
 
 def table(paths):
-    rows, rules, hashes, records = [], {}, {}, {}
+    rows, rules, hashes, records, rules_of = [], {}, {}, {}, {}
     for path in paths:
-        (name, details, figs), their_rules, r = model_row(path)
+        (name, details, figs), rules_of[path], r = model_row(path)
         rows.append((name, details, figs, path))
         hashes[path] = (r.get("data_hashes") or {}).get("sequential.txt")
         records[path] = r
-        for rule, rule_figs in their_rules.items():
+    names = distinct_names([records[path] for *_, path in rows])     # two runs of one model: named by what differs
+    rows = [(name, *row[1:]) for name, row in zip(names, rows)]
+    for path, r in records.items():
+        for rule, rule_figs in rules_of[path].items():
             seen = rules.setdefault(rule, (rule_figs, path))
             first = records[seen[1]]
             if first.get("user_ids") == r.get("user_ids") and not same_rule(first, r, rule):
@@ -164,13 +205,13 @@ def curves(paths, out):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     lines, rules = {}, {}
-    for path in paths:
-        r = read_results(path)
+    records = [read_results(path) for path in paths]
+    for r, name in zip(records, distinct_names(records)):
         log = (r.get("training") or {}).get("log") or []
         if not log:
             continue
         seed = (r.get("config") or {}).get("seed")
-        label = f"{model_name(r)}, seed {seed}"
+        label = f"{name}, seed {seed}"
         lines[label] = ([e["minutes"] for e in log], [e["val_NDCG@10"] for e in log])
         ax.plot(*lines[label], marker=".", label=label)
         rules.update(r["training"].get("val_rules") or {})
@@ -189,23 +230,6 @@ def curves(paths, out):
 
 
 # ---------------------------------------------------------------------------------------------------- across
-
-# what a run was given that does not change what it trains: its seed, its paths, its device
-NOT_SETTINGS = {"seed", "checkpoint", "out", "data_dir", "cuda", "rank_users", "val_users", "save_minutes",
-                "log_interval", "no_bf16", "gradient_checkpointing", "micro_batch_tokens"}
-
-
-def dataset_name(r):
-    cfg = r.get("config") or {}
-    return Path(cfg["data_dir"]).name if cfg.get("data_dir") else (r.get("data_hashes") or {})["sequential.txt"][:8]
-
-
-def settings(r):
-    """The training settings of a results file's run (the T5's pretrain.py flags, or the baseline's own), seed and
-    paths left out: runs with equal settings are seeds of one configuration."""
-    cfg = r.get("train_config") or r.get("config") or {}
-    return {k: v for k, v in cfg.items() if k not in NOT_SETTINGS}
-
 
 def best_validation(r):
     """The best validation NDCG@10 of the run's learning curve (None without one): how its settings were chosen."""
@@ -245,10 +269,7 @@ def across(paths, metric=PAIRED_METRIC):
         for key in keys:
             _, name, frozen = key
             runs = groups[key]
-            siblings = [json.loads(k[2]) for k in keys if k[1] == name]
-            mine = json.loads(frozen)
-            differ = [f"{k} {mine.get(k)}" for k in sorted(set().union(*siblings)) if any(s.get(k) != mine.get(k)
-                                                                                      for s in siblings)]
+            label = distinct_names([groups[k][0][1] for k in keys])[keys.index(key)]
             files = [p for p, _, _ in runs]
             rules = {rule: averaged(files, metric, rule) for rule in RULE_NAMES
                      if all(rule in (r.get("reference_ranks") or {}) for _, r, _ in runs)}
@@ -256,7 +277,7 @@ def across(paths, metric=PAIRED_METRIC):
             strongest = max(rules, key=lambda k: sum(rules[k].values()) / len(rules[k])) if rules else None
             versus = paired_test(model, rules[strongest]) if model and strongest else None
             val = [best_validation(r) for _, r, _ in runs]
-            rows.append({"dataset": dataset, "model": name + (f" ({', '.join(differ)})" if differ else ""),
+            rows.append({"dataset": dataset, "model": label,
                          "family": name, "seeds": sorted(d.get("seed") for _, _, d in runs),
                          "minutes": [d.get("minutes") for _, _, d in runs],
                          "HR@10": [r["results"][r["model"]]["HR@10"] for _, r, _ in runs],

@@ -155,3 +155,18 @@ def test_by_last_item_bins_users_by_the_training_count_of_their_last_history_ite
     out = by_last_item.by_count(ds, figures, bins=((0, 1), (1, 4), (4, None)))
     assert list(out) == ["0", "1-3", "4+"]
     assert out["0"] == (3, 0.5) and out["4+"] == (1, 0.25) and out["1-3"][0] == 0 and math.isnan(out["1-3"][1])
+
+
+def test_two_runs_of_one_model_are_named_by_the_settings_they_differ_in(tmp_path):
+    """Table rows, curves and by_last_item: two T5 runs are told apart by their differing flags; a flag missing from
+    an older run counts as what that run did before the flag existed (name_user yes)."""
+    def t5(path, **flags):
+        return write_results(path, task="seq", protocol=FULL_RANKING, model="HDRec (clean)", ds=DS, users=USERS,
+                             ranks=[0, 1, 2, 3], reference_ranks=RULES, backbone="tiny",
+                             train_config={"recipe": "learn", "history": "decoder", "seed": 1, "dropout": 0.3, **flags})
+    files = [t5(tmp_path / "a.json"), t5(tmp_path / "b.json", name_user="no"),
+             t5(tmp_path / "c.json", name_user="no", dropout=0.5)]
+    names = [name for name, *_ in compare.table(files)][:3]
+    base = "T5 tiny (learn recipe, history in the decoder)"
+    assert names == [f"{base} (dropout 0.3, name_user yes)", f"{base} (dropout 0.3, name_user no)",
+                     f"{base} (dropout 0.5, name_user no)"]
