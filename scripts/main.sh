@@ -24,7 +24,7 @@ $PY data/distill.py --data_dir "$DATA" "${limit[@]}" --greedy --max_batch_size 1
 # from co-occurrence at T5's scale, small batches, no warm-up, a validation every 20 steps and 10 of them without gain
 # in every task before stopping (the recipe's defaults are beauty's sequential ones)
 $PY pretrain.py --data_dir "$DATA" --checkpoint "$CKPT" --backbone "$BACKBONE" --item_ids random --ratio 1:1:1:3 \
-    --item_init cooc --output_scale t5 --embedding_std 0 --batch_size 32 --warmup_steps 0 --endure_times 10 \
+    --item_init cooc --output_scale t5 --embedding_std 0 --name_user yes --input_scale none --batch_size 32 --warmup_steps 0 --endure_times 10 \
     --max_minutes "$MINUTES" --val_every 20 --seed "$SEED"
 for protocol in clean paper; do
     $PY seq.py --data_dir "$DATA" --checkpoint "$CKPT" --protocol $protocol --seed "$SEED"
