@@ -28,9 +28,10 @@ RULES = ("co_occurrence", "ease")
 def by_count(ds, figures, bins=BINS):
     """{bin label: (users, mean figure)} with users binned by the training count of their test history's last item."""
     count = collections.Counter(i for seq in ds.sequences.values() for i in seq[:-2])
+    last = {u: count[ds.sequences[u][-2]] for u in figures}
     out = {}
     for lo, hi in bins:
-        users = [u for u in figures if lo <= count[ds.sequences[u][-2]] and (hi is None or count[ds.sequences[u][-2]] < hi)]
+        users = [u for u in figures if lo <= last[u] and (hi is None or last[u] < hi)]
         label = f"{lo}+" if hi is None else (f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}")
         out[label] = (len(users), float(np.mean([figures[u] for u in users])) if users else float("nan"))
     return out

@@ -79,9 +79,6 @@ def distinct_names(records):
     return out
 
 
-
-
-
 def model_row(path):
     """(name, details, figures) of a results file's model, its rules' figures, the users it evaluated."""
     r = read_results(path)
@@ -266,10 +263,9 @@ def across(paths, metric=PAIRED_METRIC):
     rows = []
     for dataset in dict.fromkeys(k[0] for k in groups):
         keys = [k for k in groups if k[0] == dataset]
-        for key in keys:
-            _, name, frozen = key
-            runs = groups[key]
-            label = distinct_names([groups[k][0][1] for k in keys])[keys.index(key)]
+        labels = distinct_names([groups[k][0][1] for k in keys])
+        for key, label in zip(keys, labels):
+            name, runs = key[1], groups[key]
             files = [p for p, _, _ in runs]
             rules = {rule: averaged(files, metric, rule) for rule in RULE_NAMES
                      if all(rule in (r.get("reference_ranks") or {}) for _, r, _ in runs)}
