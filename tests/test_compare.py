@@ -170,3 +170,16 @@ def test_two_runs_of_one_model_are_named_by_the_settings_they_differ_in(tmp_path
     base = "T5 tiny (learn recipe, history in the decoder)"
     assert names == [f"{base} (dropout 0.3, name_user yes)", f"{base} (dropout 0.3, name_user no)",
                      f"{base} (dropout 0.5, name_user no)"]
+
+
+def test_across_refuses_one_dataset_on_two_splits_or_two_rule_definitions(tmp_path):
+    """--across checks each dataset's files as the one-dataset table does: one split, the rules ranked alike."""
+    def run(name, seed, hashes=None, rules=RULES):
+        ds = dataclasses.replace(DS, hashes=hashes or DS.hashes)
+        return write_results(tmp_path / f"{name}_{seed}.json", task="seq", protocol=FULL_RANKING, model=name, ds=ds,
+                             users=USERS, ranks=[0, 1, 2, 3], reference_ranks=rules,
+                             config={"data_dir": "data/beauty", "seed": seed})
+    with pytest.raises(UserError, match="its sequential.txt differs"):
+        compare.across([run("SASRec", 1), run("GRU4Rec", 1, hashes={"sequential.txt": "xyz"})])
+    with pytest.raises(UserError, match="its most_popular figures differ"):
+        compare.across([run("SASRec", 2), run("GRU4Rec", 2, rules={**RULES, "most_popular": [40, 40, 40, 40]})])
