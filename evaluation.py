@@ -359,5 +359,21 @@ def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=
     return out
 
 
+def generate_texts(model, tokenizer, encoder, ds, task, records, split="test", batch_size=32, num_beams=1,
+                   max_new_tokens=20, explanation_target="auto", progress=True, **extra):
+    """The model's text for each review record of `task` (explanation, review) in `split`, ending at eos; extra:
+    generate()'s decoding flags (min_new_tokens, no_repeat_ngram_size, ...). exp.py and pretrain.py's validation."""
+    device, texts, task_id = next(model.parameters()).device, [], tasks.TASKS.index(task)
+    for chunk in progress_bar(list(batches(records, batch_size)), desc=task, disable=not progress):
+        samples = [tasks.SAMPLERS[task](ds, r["user"], None, split, record=r, explanation_target=explanation_target)
+                   for r in chunk]
+        batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), task_id), device)
+        with autocast(device):
+            out = model.generate(batch, num_beams=num_beams, num_return_sequences=1, max_new_tokens=max_new_tokens,
+                                 **extra)
+        texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return texts
+
+
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_supported(device))

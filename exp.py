@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import tasks
-from evaluation import autocast, batches, eval_users, load_run, parser, task_checkpoint, write_run_results
-from metrics import feature_metrics, text_metrics
+from evaluation import eval_users, generate_texts, load_run, parser, task_checkpoint, write_run_results
+from metrics import feature_metrics, rouge_per_text, text_metrics
 from results import print_table
 from text_rules import text_rules, variety, variety_warning
-from utils import UserError, atomic_write_text, progress_bar, report_user_errors
+from utils import UserError, atomic_write_text, report_user_errors
 
 report_user_errors()
 p = parser("explanation generation: BLEU, ROUGE, FMR, FCR, DIV")
@@ -57,23 +57,18 @@ if args.num_beam_groups > 1:   # group beam search left transformers' core in v5
     extra |= {"num_beam_groups": args.num_beam_groups, "diversity_penalty": 1.0,
              "custom_generate": "transformers-community/group-beam-search", "trust_remote_code": True}
 
-generated = []
-task_id = tasks.TASKS.index(args.task)
-for chunk in progress_bar(list(batches(records, args.batch_size)), desc=args.task):
-    samples = [tasks.SAMPLERS[args.task](ds, r["user"], None, "test", record=r, explanation_target="review")
-               for r in chunk]
-    batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), task_id), device)
-    with autocast(device):
-        out = model.generate(batch, num_beams=args.num_beams, num_return_sequences=1, max_new_tokens=args.exp_len,
-                             min_new_tokens=args.min_len, **extra)
-    generated += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+generated = generate_texts(model, tokenizer, encoder, ds, args.task, records, "test", args.batch_size,
+                           args.num_beams, args.exp_len, explanation_target="review", min_new_tokens=args.min_len,
+                           **extra)
 seconds = time.time() - started
 
 # every reference the records carry, and beside the model each text rule (text_rules.py) on the same records,
 # retrieving from the same field of the training records
 references = [("review_summary", "review_summary")] if args.task == "review" else \
     [("review sentence", "explanation"), ("LLM explanation", "groundtruth_explanation")]
-rows, rule_texts = {}, {}
+# items as the dataset's own files number them (the model may have seen them renumbered: --item_ids)
+original = {new: old for old, new in enumerate(ds.item_map)} if ds.item_map else None
+rows, rule_texts, record_scores = {}, {}, {}
 for label, field in references:
     scored = [(r, g) for r, g in zip(records, generated) if r.get(field)]
     if not scored:
@@ -81,11 +76,15 @@ for label, field in references:
     if len(scored) < len(records):   # after a --limit trial distillation only some records carry it: said so
         label += f" ({len(scored)} records)"
     truth = [r[field] for r, _ in scored]
-    rows[f"HDRec (vs {label})"] = text_metrics(truth, [g for _, g in scored])
+    ids = [f"{r['user']}:{original[r['item']] if original else r['item']}" for r, _ in scored]
+    texts_of = {"HDRec": [g for _, g in scored]}
     for rule, answer in text_rules(ds, field).items():
-        texts = [answer(r) for r, _ in scored]
-        rule_texts.setdefault(rule, texts)
-        rows[f"{rule} (vs {label})"] = text_metrics(truth, texts)
+        texts_of[rule] = [answer(r) for r, _ in scored]
+        rule_texts.setdefault(rule, texts_of[rule])
+    for name, texts in texts_of.items():
+        rows[f"{name} (vs {label})"] = text_metrics(truth, texts)
+        # each record's ROUGE, for paired tests between runs (scripts/repeat.py compare --metric ROUGE-L)
+        record_scores[f"{name} (vs {label})"] = {"record_ids": ids, **rouge_per_text(truth, texts)}
 print_table(rows, f"{args.task}: {len(records)} test records, {len(records) / seconds:.1f} records/s")
 details = {"records": len(records), "records_per_second": len(records) / seconds,
            "variety": {"HDRec": variety(generated), **{rule: variety(t) for rule, t in rule_texts.items()}}}
@@ -98,8 +97,6 @@ if args.task == "explanation" and all(r.get("feature") for r in records):
     details["features"] = feature_metrics([r["feature"] for r in records], generated, vocab)
     print("features: " + ", ".join(f"{k} {v:.4f}" for k, v in details["features"].items()))
 
-# items as the dataset's own files number them (the model may have seen them renumbered: --item_ids)
-original = {new: old for old, new in enumerate(ds.item_map)} if ds.item_map else None
 lines = [json.dumps({"user": r["user"], "item": original[r["item"]] if original else r["item"], "feature": r.get("feature"), "generated": g,
                      **{f: r[f] for f in ("explanation", "groundtruth_explanation", "review_summary") if r.get(f)}},
                     ensure_ascii=False) for r, g in zip(records, generated)]
@@ -108,4 +105,4 @@ atomic_write_text(pred_path, "\n".join(lines) + "\n")
 print(f"predictions: {pred_path}")
 write_run_results(args, "exp" if args.task == "explanation" else "review", meta, ds, sorted(users), started,
                   protocol="generated text", model=next(iter(rows)), rows=rows, details=details,
-                  checkpoint_read=str(model_dir))
+                  checkpoint_read=str(model_dir), record_scores=record_scores)

@@ -47,16 +47,18 @@ def bleu(references, hypotheses, max_order=4):
                                [[" ".join(r.split()) for r in references]]).score
 
 
-def rouge(references, hypotheses):
+def rouge_per_text(references, hypotheses):
+    """{ROUGE-1/2/L: [F1 x100 of each (reference, hypothesis) pair]}: the per-text figures that rouge() averages and
+    that paired tests between two generators compare."""
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
-    totals = {"ROUGE-1": 0.0, "ROUGE-2": 0.0, "ROUGE-L": 0.0}
-    for r, h in zip(references, hypotheses):
-        s = scorer.score(r, h)
-        totals["ROUGE-1"] += s["rouge1"].fmeasure
-        totals["ROUGE-2"] += s["rouge2"].fmeasure
-        totals["ROUGE-L"] += s["rougeL"].fmeasure
-    return {k: 100 * v / max(1, len(references)) for k, v in totals.items()}
+    scores = [scorer.score(r, h) for r, h in zip(references, hypotheses)]
+    return {name: [100 * s[key].fmeasure for s in scores]
+            for name, key in (("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"), ("ROUGE-L", "rougeL"))}
+
+
+def rouge(references, hypotheses):
+    return {k: sum(v) / max(1, len(references)) for k, v in rouge_per_text(references, hypotheses).items()}
 
 
 def text_metrics(references, hypotheses):

@@ -11,6 +11,7 @@ and scripts/results_table.py read it. A file holds:
   list_length     null for a full ranking; L when the model only gave top-L lists (no figure past L is recorded)
   user_ids, ranks, reference_ranks   0-based rank of each user's held-out item (-1: past the model's list), for
                   paired tests without a rerun
+  record_scores   text tasks: {row: {record_ids ("user:item"), ROUGE-1/2/L of each record}}, for paired tests
   details         task-specific extras (how personal the lists are, list quality, speed, features)
   rule_settings   each rule's setting and the validation figures that chose it
   training        minutes, best epoch / step, validations

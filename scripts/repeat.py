@@ -10,6 +10,8 @@ differences paired over users (scipy.stats: paired t-test and Wilcoxon signed-ra
     python scripts/repeat.py compare A/seed_*/results_seq.json --vs B/seed_*/results_seq.json
     # ... or the model against a reference rule written in the same files
     python scripts/repeat.py compare checkpoint/beauty_seeds/seed_*/results_seq.json --vs_rule co_occurrence
+    # generated text: paired over test records (each record's ROUGE, kept by exp.py)
+    python scripts/repeat.py compare A/seed_*/results_exp.json --vs_rule user_most_recent --metric ROUGE-L
 
 Every file is read in the one results format (results.py); the per-user figures come from its `user_ids` / `ranks`
 / `reference_ranks`, so nothing is rerun. HR@k and NDCG@k per user follow metrics.py (one held-out item,
@@ -133,8 +135,11 @@ def mean_std(values):
 # ---------------------------------------------------------------------------------------------------- compare
 
 def per_user(path, metric, rule=None):
-    """{user: the metric of that user} from a results file's model ranks, or a reference rule's."""
+    """{user: the metric of that user} from a results file's model ranks, or a reference rule's; for generated text
+    (exp, review) {"user:item": the record's ROUGE} of the model's row or the rule's beside it."""
     r = read_results(path)
+    if r["task"] in ("exp", "review"):
+        return per_record(path, r, metric, rule)
     if "user_ids" not in r or "ranks" not in r:
         raise UserError(f"{path}: no per-user ranks (a {r['task']} results file has none)")
     ranks = r["ranks"]
@@ -144,6 +149,19 @@ def per_user(path, metric, rule=None):
             raise UserError(f"{path}: no per-user ranks of {rule!r} (there are: {', '.join(known) or 'none'})")
         ranks = known[rule]
     return dict(zip(r["user_ids"], user_scores(ranks, metric)))
+
+
+def per_record(path, r, metric, rule=None):
+    """The model's row is "HDRec (vs <reference>)"; a rule's is "<rule> (vs <reference>)", scored the same way."""
+    row = r["model"] if rule is None else f"{rule} {r['model'].split(' ', 1)[1]}"
+    scores = r.get("record_scores", {}).get(row)
+    if scores is None:
+        known = ", ".join(n.split(" ")[0] for n in r.get("record_scores", {}) if n != r["model"]) or "none"
+        raise UserError(f"{path}: no per-record scores of {row!r} (rules there: {known}; files written before "
+                        "exp.py kept them have none: rerun exp.py)")
+    if metric not in scores:
+        raise UserError(f"--metric {metric!r}: a text results file has {', '.join(k for k in scores if k != 'record_ids')}")
+    return dict(zip(scores["record_ids"], scores[metric]))
 
 
 def user_scores(ranks, metric):
@@ -187,7 +205,8 @@ def compare(args):
     else:
         raise UserError("compare needs --vs FILES or --vs_rule RULE")
     res = paired_test(a, b)
-    print(f"{args.metric}, paired over {res['users']} users ({len(args.files)} runs on side A"
+    unit = "records" if args.metric.startswith("ROUGE") else "users"
+    print(f"{args.metric}, paired over {res['users']} {unit} ({len(args.files)} runs on side A"
           + (f", {len(args.vs)} on side B" if args.vs else "") + ")")
     print(f"  A {' '.join(map(str, args.files))}: {res['mean_a']:.4f}\n  B {b_name}: {res['mean_b']:.4f}")
     print(f"  A - B = {res['difference']:+.4f}; paired t-test p = {res['t_test_p']:.2g}, "
@@ -212,7 +231,8 @@ def main(argv=None):
     c.add_argument("files", nargs="+", type=Path, help="side A: results files (one per seed)")
     c.add_argument("--vs", nargs="+", type=Path, help="side B: results files (one per seed)")
     c.add_argument("--vs_rule", help="side B: a reference rule in side A's files (e.g. co_occurrence)")
-    c.add_argument("--metric", default="NDCG@10")
+    c.add_argument("--metric", default="NDCG@10", help="HR@k, NDCG@k; for exp/review files ROUGE-1, ROUGE-2, "
+                   "ROUGE-L (paired over records)")
     args = p.parse_args(argv)
     if args.command == "run":
         return run(args, train_args)

@@ -89,6 +89,38 @@ def test_bad_input_is_a_user_error(tmp_path, three_seeds):
         repeat.main(["run", "--seeds", "1,1", "--out", str(tmp_path), "--", "--data_dir", "x"])
 
 
+def text_results_file(path, seed, model, rule, ids=("1:4", "2:7", "3:4")):
+    """An exp results file with each record's ROUGE-L for the model and one rule, as exp.py writes it."""
+    from pathlib import Path
+    from dataset import Dataset
+    from results import write_results
+    ds = Dataset(data_dir=Path("toy"), sequences={1: [4, 5, 6]}, num_items=9, negatives={}, id2user={}, id2item={},
+                 hashes={"explanation.json": "abc"})
+    rows = {"HDRec (vs review sentence)": {"ROUGE-L": float(np.mean(model))},
+            "user_most_recent (vs review sentence)": {"ROUGE-L": float(np.mean(rule))}}
+    scores = {"HDRec (vs review sentence)": {"record_ids": list(ids), "ROUGE-L": model},
+              "user_most_recent (vs review sentence)": {"record_ids": list(ids), "ROUGE-L": rule}}
+    return write_results(path, task="exp", protocol="generated text", model="HDRec (vs review sentence)", ds=ds,
+                         users=[1, 2, 3], rows=rows, config={"seed": seed}, record_scores=scores)
+
+
+def test_text_files_pair_records_against_a_rule_and_another_run(tmp_path):
+    a = [text_results_file(tmp_path / "a1.json", 1, [50.0, 0.0, 20.0], [40.0, 10.0, 10.0]),
+         text_results_file(tmp_path / "a2.json", 2, [30.0, 10.0, 20.0], [40.0, 10.0, 10.0])]
+    res = repeat.compare(repeat_args(a, vs_rule="user_most_recent", metric="ROUGE-L"))
+    # records averaged over the two seeds: 40, 5, 20 against the rule's 40, 10, 10
+    assert res["users"] == 3 and res["mean_a"] == pytest.approx(65 / 3) and res["mean_b"] == pytest.approx(20)
+    assert res["t_test_p"] == pytest.approx(stats.ttest_rel([40, 5, 20], [40, 10, 10]).pvalue)
+    # another configuration scored on two of the same records and one other: paired on the two shared
+    b = [text_results_file(tmp_path / "b.json", 1, [10.0, 0.0, 0.0], [40.0, 10.0, 10.0], ids=("1:4", "2:7", "9:9"))]
+    res = repeat.compare(repeat_args(a, vs=b, metric="ROUGE-L"))
+    assert res["users"] == 2 and res["mean_a"] == pytest.approx(22.5) and res["mean_b"] == pytest.approx(5)
+    with pytest.raises(UserError, match="no per-record scores of 'item_most_frequent"):
+        repeat.compare(repeat_args(a, vs_rule="item_most_frequent", metric="ROUGE-L"))
+    with pytest.raises(UserError, match="--metric 'NDCG@10': a text results file has ROUGE-L"):
+        repeat.compare(repeat_args(a, vs_rule="user_most_recent"))
+
+
 def repeat_args(files, vs=None, vs_rule=None, metric="NDCG@10"):
     import argparse
     return argparse.Namespace(files=files, vs=vs, vs_rule=vs_rule, metric=metric)

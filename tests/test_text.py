@@ -17,7 +17,7 @@ import pytest
 import tasks
 from dataset import DataError, Dataset, load_dataset, random_item_permutation, renumber_items
 from evaluation import eval_users
-from metrics import bleu, feature_metrics, rouge, text_metrics
+from metrics import bleu, feature_metrics, rouge, rouge_per_text, text_metrics
 from text_rules import text_rules, variety, variety_warning
 
 from conftest import ROOT, SHARED_DATA, quiet
@@ -65,6 +65,9 @@ def test_rouge_f1_hand_computed():
     got = rouge(["the cat sat on the mat", "good"], ["The cat, on the mat!", "bad"])
     assert got == pytest.approx({"ROUGE-1": 100 * 10 / 11 / 2, "ROUGE-2": 100 * 2 / 3 / 2,
                                  "ROUGE-L": 100 * 10 / 11 / 2})
+    per_text = rouge_per_text(["the cat sat on the mat", "good"], ["The cat, on the mat!", "bad"])
+    assert per_text["ROUGE-L"] == pytest.approx([100 * 10 / 11, 0.0])
+    assert per_text["ROUGE-2"] == pytest.approx([100 * 2 / 3, 0.0])
 
 
 def test_text_metrics_table():
