@@ -9,9 +9,10 @@ every item for a fixed seeded sample of validation users (--rank_users). The bes
 learn recipe), by the mean validation loss under --recipe paper; seq.py reads it.
 
 A single-task run stops after --endure_times validations without gain in that figure. A multi-task run gives every
-task a figure of its own: NDCG@10 of the ranked users for the sequential task (its loss when no user is ranked), the
-validation token loss for the text tasks (explanation, review) and top-N (cheap, and it keeps falling while a text
-task still learns to write); it stops when NO task has gained for --endure_times validations (or at --max_minutes /
+task a figure of its own: NDCG@10 of the ranked users for the sequential task (its loss when no user is ranked),
+ROUGE-L of the greedy texts of a fixed seeded sample of validation records for the text tasks (explanation, review;
+--val_texts: the token loss keeps falling while greedy decoding writes one likely sentence for everyone), the
+validation token loss for top-N; it stops when NO task has gained for --endure_times validations (or at --max_minutes /
 --epochs), and keeps each task's own best: a text task still learning must not be cut off by the ranking task, nor
 the ranking model replaced by a later, overfitted one. So the top-level model stays the best by --stop_on, and a
 task whose own best came at another validation has its model in best_<task>/ (same format), which exp.py (explanation,
@@ -42,8 +43,8 @@ import tasks
 from cooccurrence import cooccurrence, item_vectors
 from dataset import load_dataset, renumber_items
 from item_codes import CODE_SCHEMES, SCHEMES, item_codes, item_map_for, parse_branching
-from evaluation import rank_next
-from metrics import ranking_metrics
+from evaluation import generate_texts, rank_next
+from metrics import ranking_metrics, rouge
 from module import HDRec, SIZES, add_id_tokens, backward_batch, copy_checkpoint, from_scratch_t5, \
     INPUT_SCALES, init_item_embeddings, load_checkpoint, load_pretrained, no_output_dropout, no_output_scale, \
     output_scale, set_input_scale, \
@@ -164,6 +165,10 @@ def parse_args(argv=None):
                              "auto: llm where the record has it")
     parser.add_argument("--val_every", type=int, default=0, help="validate every N steps (0: once an epoch)")
     parser.add_argument("--val_users", type=int, default=0, help="validate on a seeded sample of N users (0: all)")
+    parser.add_argument("--val_texts", type=int, default=500,
+                        help="at every validation, generate (greedy) the texts of a fixed seeded sample of N validation "
+                             "records per text task; their ROUGE-L against the task's target is the task's figure for "
+                             "stopping and its best model (0: the validation token loss instead)")
     parser.add_argument("--rank_users", type=int, default=None,
                         help="at every validation, rank all items for a fixed seeded sample of N validation users "
                              "(sequential task, clean protocol) and log HR@10 / NDCG@10 (0: off); "
@@ -428,6 +433,7 @@ class Validation:
     tasks: list                     # the tasks with validation samples
     rank_users: list                # users whose ranking of every item draws the learning curve
     reference: dict                 # the reference rules' HR@10 / NDCG@10 on those users (main process)
+    texts: dict = field(default_factory=dict)   # text task -> the validation records whose texts are generated
 
 
 def validation_batches(run):
@@ -475,7 +481,18 @@ def validation_set(run):
     if reference:
         log(f"validation ranking of {len(users)} users, reference rules: " + ", ".join(
             f"{rule} HR@10 {f['HR@10']:.4f} NDCG@10 {f['NDCG@10']:.4f}" for rule, f in reference.items()))
-    return Validation(batches, val_tasks, users, reference)
+    return Validation(batches, val_tasks, users, reference, validation_records(run, val_tasks))
+
+
+def validation_records(run, val_tasks):
+    """{text task: a fixed seeded sample of up to --val_texts validation records} (every process the same)."""
+    args, out = run.args, {}
+    for task in (t for t in val_tasks if t in tasks.TEXT_FIELDS and args.val_texts):
+        records = [r for u in sorted(run.ds.records.get("val", {})) for r in tasks.user_records(run.ds, u, "val", task)]
+        if len(records) > args.val_texts:
+            records = random.Random(f"{args.seed}-val-texts-{task}").sample(records, args.val_texts)
+        out[task] = records
+    return out
 
 
 @torch.no_grad()
@@ -512,6 +529,24 @@ def validate_ranking(run, users):
     run.model.train()
     m = ranking_metrics(ranks, list_length)
     return {k: m[k] for k in ("HR@10", "NDCG@10")}
+
+
+@torch.no_grad()
+def validate_texts(run, val):
+    """{text task: ROUGE-L (F1 x100) of the greedy texts of its validation records against the task's own target
+    (--explanation_target for explanations)}: what the text tasks are for, where the token loss keeps falling while
+    greedy decoding writes the one most likely sentence for everyone."""
+    run.model.eval()
+    figures = {}
+    for task, records in val.texts.items():
+        generated = generate_texts(run.model, run.tokenizer, run.encoder, run.ds, task, records, "val", 64,
+                                   max_new_tokens=run.args.exp_len, explanation_target=run.args.explanation_target,
+                                   progress=False)
+        targets = [tasks.SAMPLERS[task](run.ds, r["user"], None, "val", record=r,
+                                        explanation_target=run.args.explanation_target)[1] for r in records]
+        figures[task] = rouge(targets, generated)["ROUGE-L"]
+    run.model.train()
+    return figures
 
 
 def plot_curve(history, reference, n_users, path, title):
@@ -565,6 +600,8 @@ class Progress:
     minutes_before: float = 0.0     # trained by earlier processes of this run
     started: float = field(default_factory=time.time)
     task_stopping: dict = field(default_factory=dict)   # task -> its own EarlyStopping; empty for a single task
+    text_loss_stopping: dict = field(default_factory=dict)  # text task -> EarlyStopping of its validation loss
+    epoch_ratio: list = None        # the shares this epoch's plan was drawn with (training_ratio at its start)
 
     def minutes(self):
         return self.minutes_before + (time.time() - self.started) / 60
@@ -573,32 +610,59 @@ class Progress:
     def stop(self):
         """A single task stops on the --stop_on figure; several tasks when none has gained for --endure_times."""
         if self.task_stopping:
-            return all(s.stop for s in self.task_stopping.values())
+            return all(task_done(self, task) for task in self.task_stopping)
         return self.stopping.stop
 
 
-def task_stoppers(val_tasks, endure_times, saved=None):
+def training_ratio(ratio, progress):
+    """--ratio with a 0 for every task that has stopped gaining (its own figure, --endure_times validations): the rest
+    of the budget goes to the tasks still learning, while the stopped task's best model is kept. A task whose figure
+    gains again (the shared weights moved) trains again from the next epoch."""
+    return [0 if task in progress.task_stopping and task_done(progress, task) else share
+            for task, share in zip(tasks.TASKS, ratio)]
+
+
+def task_done(progress, task):
+    """A task has stopped gaining: its own figure, and for a text task its validation loss too (the greedy texts can
+    sit still, or even score 0, while the model is still learning to write), has gone --endure_times validations
+    without gain."""
+    return progress.task_stopping[task].stop and (task not in progress.text_loss_stopping
+                                                   or progress.text_loss_stopping[task].stop)
+
+
+def task_stoppers(val_tasks, endure_times, saved=None, only=None):
     """{task: EarlyStopping} of a multi-task run, one for each task with validation samples ({} for a single task:
-    its one figure is --stop_on's). saved: a resumed state's {task: [best, endured]}."""
+    its one figure is --stop_on's), or for those of them in `only`. saved: a resumed state's {task: [best, endured]}."""
     if len(val_tasks) < 2:
         return {}
     saved = saved or {}
-    return {task: EarlyStopping(endure_times, *saved.get(task, (math.inf, 0))) for task in val_tasks}
+    return {task: EarlyStopping(endure_times, *saved.get(task, (math.inf, 0))) for task in val_tasks
+            if only is None or task in only}
 
 
-def task_figure(task, losses, ranking):
-    """(name, value) of a task's own validation figure: NDCG@10 of the ranked users for the sequential task (its
-    loss where none is ranked); the validation token loss for the others (the text tasks' figure: cheap, and it
-    keeps falling while a text task learns to write)."""
+def task_figure(task, losses, ranking, texts=None):
+    """(name, value) of a task's own validation figure: NDCG@10 of the ranked users for the sequential task, ROUGE-L
+    of the generated validation texts for a text task (--val_texts); the validation token loss otherwise (top-N, and
+    where nothing is ranked or generated)."""
     if task == "sequential" and ranking:
         return "NDCG@10", ranking["NDCG@10"]
+    if task in (texts or {}):
+        return "ROUGE-L", texts[task]
     return "loss", losses[task]
 
 
-def count_validation(progress, top_figure, figures):
+def lower_is_better(figures):
+    """{task: (name, value)} -> {task: value to minimise}: a loss as it is, NDCG@10 and ROUGE-L negated."""
+    return {task: value if name == "loss" else -value for task, (name, value) in figures.items()}
+
+
+def count_validation(progress, top_figure, figures, text_losses=None):
     """Count one validation in every EarlyStopping (figures: lower is better, {task: figure} for the tasks of
-    progress.task_stopping): (whether the --stop_on figure gained, {task: whether it gained})."""
+    progress.task_stopping; text_losses: {text task: validation loss} for progress.text_loss_stopping): (whether the
+    --stop_on figure gained, {task: whether its figure gained})."""
     top_gained = progress.stopping.improved(top_figure)
+    for task, stopping in progress.text_loss_stopping.items():
+        stopping.improved(text_losses[task])
     return top_gained, {task: stopping.improved(figures[task]) for task, stopping in progress.task_stopping.items()}
 
 
@@ -632,6 +696,8 @@ def stopping_line(args, progress, figures):
     return (best + f" (top-level model, {progress.stopping.endured} validations ago) | validations without gain "
             f"(stops when all reach {args.endure_times}): "
             + ", ".join(f"{task} {name} {value:.4f} {progress.task_stopping[task].endured}"
+                        + (f" (loss {progress.text_loss_stopping[task].endured})"
+                           if task in progress.text_loss_stopping else "")
                         for task, (name, value) in figures.items()))
 
 
@@ -659,24 +725,28 @@ def validate_and_keep_best(run, progress, val, epoch, step, speed):
     losses = validate(run, val)
     mean = sum(losses.values()) / len(losses)
     ranking = validate_ranking(run, val.rank_users)
+    texts = validate_texts(run, val)
     record = {"epoch": epoch, "step": step, "samples": progress.samples, "minutes": progress.minutes(), **speed,
               "train": {t: v[0] / v[1] for t, v in progress.train_sums.items()}, "val": losses, "val_mean": mean,
-              "val_ranking": ranking}
+              "val_ranking": ranking, "val_texts": texts}
     progress.train_sums = {}
     progress.history.append(record)
-    figures = {task: task_figure(task, losses, ranking) for task in progress.task_stopping}
+    figures = {task: task_figure(task, losses, ranking, texts) for task in progress.task_stopping}
     top_gained, gained = count_validation(progress, -ranking["NDCG@10"] if args.stop_on == "ndcg" else mean,
-                                          {t: -v if name == "NDCG@10" else v for t, (name, v) in figures.items()})
+                                          lower_is_better(figures), losses)
     if figures:
         record["tasks"] = {task: {"figure": name, "value": value, "best": abs(progress.task_stopping[task].best),
-                                  "without_gain": progress.task_stopping[task].endured}
+                                  "without_gain": progress.task_stopping[task].endured,
+                                  **({"loss_without_gain": progress.text_loss_stopping[task].endured}
+                                     if task in progress.text_loss_stopping else {})}
                            for task, (name, value) in figures.items()}
     keep_best_models(run, progress, top_gained, gained, record)
     record["reference_ranking"] = val.reference     # train_log.json's records carry them, config.json's does not
     log(f"epoch {epoch} step {step} ({record['minutes']:.1f} min, {record['seconds_per_epoch']:.0f} s/epoch, "
         f"{record['samples_per_second']:.0f} samples/s): val loss "
         + " ".join(f"{t} {v:.4f}" for t, v in losses.items()) + f" | mean {mean:.4f}"
-        + "".join(f" | {k} {v:.4f}" for k, v in ranking.items()) + stopping_line(args, progress, figures))
+        + "".join(f" | {k} {v:.4f}" for k, v in ranking.items())
+        + "".join(f" | {t} ROUGE-L {v:.2f}" for t, v in texts.items()) + stopping_line(args, progress, figures))
     if run.rank == 0:
         atomic_write_json(run.out / "train_log.json", progress.history)
         plot_curve(progress.history, val.reference, len(val.rank_users), run.out / "curve.png",
@@ -697,7 +767,9 @@ def train(run, progress, val):
     last_save = time.time()
     while progress.epoch <= args.epochs:
         epoch = progress.epoch
-        plan = tasks.epoch_plan(run.ds, run.ratio, args.batch_size, args.seed, epoch, run.rank, run.world)
+        if progress.step == 0 or progress.epoch_ratio is None:   # mid-epoch (a resume): the plan it was drawn with
+            progress.epoch_ratio = training_ratio(run.ratio, progress)
+        plan = tasks.epoch_plan(run.ds, progress.epoch_ratio, args.batch_size, args.seed, epoch, run.rank, run.world)
         val_points = validation_points(len(plan), args.val_every)
         trained_seconds, trained_steps, samples_before = 0.0, 0, progress.samples    # since the last validation
         bar = progress_bar(range(progress.step, len(plan)), initial=progress.step, total=len(plan),
@@ -769,16 +841,19 @@ def save_state(run, progress):
         "epoch": progress.epoch, "step": progress.step, "rng": rng_states, "best": progress.stopping.best,
         "endured": progress.stopping.endured, "history": progress.history, "item_map": run.meta["item_map"],
         "task_stopping": {task: [s.best, s.endured] for task, s in progress.task_stopping.items()},
-        "samples": progress.samples, "train_sums": progress.train_sums, "minutes": progress.minutes()})
+        "text_loss_stopping": {task: [s.best, s.endured] for task, s in progress.text_loss_stopping.items()},
+        "samples": progress.samples, "train_sums": progress.train_sums, "minutes": progress.minutes(),
+        "epoch_ratio": progress.epoch_ratio})
     if last.exists():
         last.rename(last_old)
     last_tmp.rename(last)
     shutil.rmtree(last_old, ignore_errors=True)
 
 
-def load_state(run, saved, val_tasks):
+def load_state(run, saved, val_tasks, val_texts):
     """The optimizer and RNG states of out/last put back; the Progress to go on from. saved: its train_state.json;
-    val_tasks: the tasks with validation samples (each with its own stopping counts, for several)."""
+    val_tasks: the tasks with validation samples (each with its own stopping counts, for several); val_texts: the
+    text tasks whose generated texts are validated (each with a count of its loss too)."""
     tensors = load_file(str(run.out / "last" / STATE_TENSORS))
     torch.set_rng_state(tensors.pop("torch_rng"))
     opt = run.optimizer.state_dict()
@@ -800,7 +875,10 @@ def load_state(run, saved, val_tasks):
                     samples=saved.get("samples", history[-1]["samples"] if history else 0),
                     train_sums=saved.get("train_sums", {}),
                     minutes_before=saved.get("minutes", history[-1]["minutes"] if history else 0.0),
-                    task_stopping=task_stoppers(val_tasks, run.args.endure_times, saved.get("task_stopping")))
+                    task_stopping=task_stoppers(val_tasks, run.args.endure_times, saved.get("task_stopping")),
+                    text_loss_stopping=task_stoppers(val_tasks, run.args.endure_times, saved.get("text_loss_stopping"),
+                                                     only=val_texts),
+                    epoch_ratio=saved.get("epoch_ratio"))
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -851,10 +929,11 @@ def main():
         if not saved:
             remove_task_bests(out)
     if saved:
-        progress = load_state(run, saved, val.tasks)
+        progress = load_state(run, saved, val.tasks, val.texts)
     else:
         progress = Progress(1, 0, random.Random(f"{args.seed}-train-{rank}"), EarlyStopping(args.endure_times), [],
-                            task_stopping=task_stoppers(val.tasks, args.endure_times))
+                            task_stopping=task_stoppers(val.tasks, args.endure_times),
+                            text_loss_stopping=task_stoppers(val.tasks, args.endure_times, only=val.texts))
     if saved and (progress.stop or args.max_minutes and progress.minutes_before >= args.max_minutes):
         log(f"{out}: this run has ended ({'early stop' if progress.stop else 'time budget used'}); "
             "nothing to do (a larger --endure_times or --max_minutes goes on)")

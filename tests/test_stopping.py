@@ -1,5 +1,6 @@
 """Stopping that waits for every task (pretrain.py): in a multi-task run each task has its own validation figure
-(NDCG@10 for sequential, the validation token loss for the others) and training stops when none has gained for
+(NDCG@10 for sequential, ROUGE-L of generated validation texts for the text tasks, the validation token loss for
+top-N) and training stops when none has gained for
 --endure_times validations; the top-level model stays the best by --stop_on and best_<task>/ keeps a task's own
 best where it came at another validation; exp.py / topn.py read best_<task>/ where it exists; the per-task counts
 survive a resume; a single-task run is as before. The logic on fake figures, then the scripts on real data."""
@@ -48,6 +49,41 @@ def test_a_text_task_still_learning_keeps_the_run_going_past_the_ranking_tasks_s
     assert {t: s.endured for t, s in progress.task_stopping.items()} == {"explanation": 4, "sequential": 8, "topn": 8}
 
 
+def test_a_task_that_has_stopped_gaining_stops_training_until_it_gains_again():
+    """The next epoch's plan is drawn from --ratio with a 0 for every task whose own figure has gone --endure_times
+    validations without gain, so the budget goes to the tasks still learning."""
+    progress = progress_for(TASKS, endure_times=2)
+    ratio = [1, 1, 0, 3]                                    # explanation : sequential : review : top-N
+    figures = [(.10, 6.0, 3.0), (.09, 5.5, 3.1), (.08, 5.0, 3.2)]
+    for n, e, t in figures:
+        pretrain.count_validation(progress, -n, {"explanation": e, "sequential": -n, "topn": t})
+    assert pretrain.training_ratio(ratio, progress) == [1, 0, 0, 0] and not progress.stop
+    pretrain.count_validation(progress, -.11, {"explanation": 4.9, "sequential": -.11, "topn": 3.3})
+    assert pretrain.training_ratio(ratio, progress) == [1, 1, 0, 0]           # sequential gained: it trains again
+    single = progress_for(["sequential"], endure_times=1)
+    for n in (.1, .09):
+        pretrain.count_validation(single, -n, {})
+    assert single.stop and pretrain.training_ratio([0, 1, 0, 0], single) == [0, 1, 0, 0]
+
+
+def test_a_text_task_trains_while_its_loss_falls_though_its_texts_score_the_same():
+    """Greedy texts can score ROUGE-L 0 for many validations while the model learns to write: a text task stops only
+    when its ROUGE-L and its validation loss have both gone --endure_times validations without gain; its best model
+    is the one with the best ROUGE-L."""
+    progress = progress_for(TASKS, endure_times=2)
+    progress.text_loss_stopping = pretrain.task_stoppers(TASKS, 2, only={"explanation": []})
+    rouge_l, loss = [1.0, 1.0, 1.0, 1.0, 9.0, 8.0, 8.5, 8.9], [8.0, 7.0, 6.5, 6.0, 5.5, 5.6, 5.7, 5.8]
+    done, kept = [], []
+    for r, e in zip(rouge_l, loss):
+        _, gained = pretrain.count_validation(progress, -.1, {"explanation": -r, "sequential": -.1, "topn": 3.0},
+                                              {"explanation": e})
+        done.append(pretrain.task_done(progress, "explanation"))
+        kept.append(gained["explanation"])
+    assert done == [False] * 6 + [True, True]       # both 2 without gain at the 7th
+    assert kept == [True, False, False, False, True, False, False, False]
+    assert progress.stop                                    # sequential and top-N had long stopped
+
+
 def test_a_single_task_stops_on_its_one_figure():
     assert pretrain.task_stoppers(["sequential"], 3) == {}
     progress = progress_for(["sequential"], endure_times=2)
@@ -62,6 +98,12 @@ def test_each_task_has_its_own_figure():
     assert pretrain.task_figure("sequential", losses, {}) == ("loss", 7.0)        # no ranked users: its loss
     assert pretrain.task_figure("explanation", losses, ranking) == ("loss", 6.0)
     assert pretrain.task_figure("topn", losses, ranking) == ("loss", 3.0)
+    texts = {"explanation": 23.5}                                                 # --val_texts: generated ROUGE-L
+    assert pretrain.task_figure("explanation", losses, ranking, texts) == ("ROUGE-L", 23.5)
+    assert pretrain.task_figure("topn", losses, ranking, texts) == ("loss", 3.0)
+    # what the stopping counts minimise: a loss as it is, the figures that grow negated
+    assert pretrain.lower_is_better({"sequential": ("NDCG@10", .1), "explanation": ("ROUGE-L", 23.5),
+                                     "topn": ("loss", 3.0)}) == {"sequential": -.1, "explanation": -23.5, "topn": 3.0}
 
 
 def test_stopping_counts_survive_the_state_json():
@@ -127,25 +169,29 @@ def test_multi_task_state_resumes_and_exp_reads_its_tasks_best(gift_dir, tmp_pat
     state = json.loads(state_path.read_text())
     record = json.loads((ck / "train_log.json").read_text())[-1]
     assert set(state["task_stopping"]) == set(record["tasks"]) == set(TASKS)
+    expected = {"sequential": ("NDCG@10", record["val_ranking"]["NDCG@10"]),
+                "explanation": ("ROUGE-L", record["val_texts"]["explanation"]), "topn": ("loss", record["val"]["topn"])}
     for task in TASKS:
         figure = record["tasks"][task]
-        assert figure["figure"] == ("NDCG@10" if task == "sequential" else "loss") and figure["without_gain"] == 0
-        assert figure["value"] == pytest.approx(record["val_ranking"]["NDCG@10"] if task == "sequential"
-                                                else record["val"][task])
-        assert state["task_stopping"][task] == [-figure["value"] if task == "sequential" else figure["value"], 0]
-    assert "validations without gain (stops when all reach 2): explanation loss" in log
+        assert (figure["figure"], figure["value"]) == pytest.approx(expected[task]) and figure["without_gain"] == 0
+        assert state["task_stopping"][task] == [figure["value"] if task == "topn" else -figure["value"], 0]
+    assert set(record["val_texts"]) == {"explanation"} and 0 <= record["val_texts"]["explanation"] <= 100
+    assert state["epoch_ratio"] == [1, 1, 0, 1]             # the plan of the epoch under way, for the resume
+    assert state["text_loss_stopping"] == {"explanation": [record["val"]["explanation"], 0]}
+    assert "validations without gain (stops when all reach 2): explanation ROUGE-L" in log
 
     # every task one validation without gain and a best it cannot beat: the next validation must stop the run,
     # which only the resumed per-task counts can do (the top-level count is 0 and would go on)
-    state["task_stopping"] = {"explanation": [0.0, 1], "sequential": [-1.0, 1], "topn": [0.0, 1]}
+    state["task_stopping"] = {"explanation": [-100.0, 1], "sequential": [-1.0, 1], "topn": [0.0, 1]}
+    state["text_loss_stopping"] = {"explanation": [0.0, 1]}
     state_path.write_text(json.dumps(state))
     log = run(python, script_env, *train)
     assert "resuming from" in log and "early stop" in log
     history = json.loads((ck / "train_log.json").read_text())
     assert [(h["epoch"], h["step"]) for h in history] == [(1, 1), (1, 4)]
     assert {t: (f["best"], f["without_gain"]) for t, f in history[-1]["tasks"].items()} == \
-        {"explanation": (0.0, 2), "sequential": (1.0, 2), "topn": (0.0, 2)}
-    assert "explanation loss" in log and "this run has ended (early stop)" in run(python, script_env, *train)
+        {"explanation": (100.0, 2), "sequential": (1.0, 2), "topn": (0.0, 2)}
+    assert "explanation ROUGE-L" in log and "this run has ended (early stop)" in run(python, script_env, *train)
 
     # exp.py reads best_explanation/ where it exists (here a copy marked in its config), topn.py the top level
     best = ck / "best_explanation"
