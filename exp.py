@@ -19,7 +19,7 @@ from pathlib import Path
 
 import tasks
 from evaluation import eval_users, generate_texts, load_run, parser, task_checkpoint, write_run_results
-from metrics import feature_metrics, rouge_per_text, text_metrics
+from metrics import feature_metrics, text_scores
 from results import print_table
 from text_rules import text_rules, variety, variety_warning
 from utils import UserError, atomic_write_text, report_user_errors
@@ -82,9 +82,9 @@ for label, field in references:
         texts_of[rule] = [answer(r) for r, _ in scored]
         rule_texts.setdefault(rule, texts_of[rule])
     for name, texts in texts_of.items():
-        rows[f"{name} (vs {label})"] = text_metrics(truth, texts)
-        # each record's ROUGE, for paired tests between runs (scripts/repeat.py compare --metric ROUGE-L)
-        record_scores[f"{name} (vs {label})"] = {"record_ids": ids, **rouge_per_text(truth, texts)}
+        # and each record's ROUGE, for paired tests between runs (scripts/repeat.py compare --metric ROUGE-L)
+        rows[f"{name} (vs {label})"], per_text = text_scores(truth, texts)
+        record_scores[f"{name} (vs {label})"] = {"record_ids": ids, **per_text}
 print_table(rows, f"{args.task}: {len(records)} test records, {len(records) / seconds:.1f} records/s")
 details = {"records": len(records), "records_per_second": len(records) / seconds,
            "variety": {"HDRec": variety(generated), **{rule: variety(t) for rule, t in rule_texts.items()}}}

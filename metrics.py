@@ -61,11 +61,18 @@ def rouge(references, hypotheses):
     return {k: sum(v) / max(1, len(references)) for k, v in rouge_per_text(references, hypotheses).items()}
 
 
-def text_metrics(references, hypotheses):
+def text_scores(references, hypotheses):
+    """(BLEU-1/4 and ROUGE-1/2/L of the corpus, {ROUGE-1/2/L: each text's figure}): the ROUGE of each text is computed
+    once and averaged."""
     if len(references) != len(hypotheses) or not references:
         raise ValueError("need one hypothesis per reference, and at least one")
-    return {"BLEU-1": bleu(references, hypotheses, 1), "BLEU-4": bleu(references, hypotheses, 4),
-            **rouge(references, hypotheses)}
+    per_text = rouge_per_text(references, hypotheses)
+    return ({"BLEU-1": bleu(references, hypotheses, 1), "BLEU-4": bleu(references, hypotheses, 4),
+             **{k: sum(v) / len(v) for k, v in per_text.items()}}, per_text)
+
+
+def text_metrics(references, hypotheses):
+    return text_scores(references, hypotheses)[0]
 
 
 def features_in(text, feature_vocab, max_words=3):

@@ -17,7 +17,7 @@ import pytest
 import tasks
 from dataset import DataError, Dataset, load_dataset, random_item_permutation, renumber_items
 from evaluation import eval_users
-from metrics import bleu, feature_metrics, rouge, rouge_per_text, text_metrics
+from metrics import bleu, feature_metrics, rouge, rouge_per_text, text_metrics, text_scores
 from text_rules import text_rules, variety, variety_warning
 
 from conftest import ROOT, SHARED_DATA, quiet
@@ -77,6 +77,8 @@ def test_text_metrics_table():
     assert m["BLEU-4"] == pytest.approx(100 * math.exp(-0.3) * 0.5)
     # ROUGE-1: h1 vs r1: 5 of 6 / 7 -> F 10/13; h2 vs r2: 3 of 4 / 6 -> F 3/5
     assert m["ROUGE-1"] == pytest.approx(100 * (10 / 13 + 3 / 5) / 2)
+    figures, per_text = text_scores(REFS, HYPS)                  # the same figures, and each text's ROUGE
+    assert figures == m and per_text["ROUGE-1"] == pytest.approx([100 * 10 / 13, 100 * 3 / 5])
     with pytest.raises(ValueError):
         text_metrics(REFS, HYPS[:1])
     with pytest.raises(ValueError):
