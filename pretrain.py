@@ -433,7 +433,7 @@ class Validation:
     tasks: list                     # the tasks with validation samples
     rank_users: list                # users whose ranking of every item draws the learning curve
     reference: dict                 # the reference rules' HR@10 / NDCG@10 on those users (main process)
-    texts: dict = field(default_factory=dict)   # text task -> the validation records whose texts are generated
+    texts: dict = field(default_factory=dict)   # text task -> (validation records to generate for, their targets)
 
 
 def validation_batches(run):
@@ -485,13 +485,15 @@ def validation_set(run):
 
 
 def validation_records(run, val_tasks):
-    """{text task: a fixed seeded sample of up to --val_texts validation records} (every process the same)."""
+    """{text task: (a fixed seeded sample of up to --val_texts validation records, the texts the task trains to write
+    for them: --explanation_target for explanations)}, every process the same."""
     args, out = run.args, {}
     for task in (t for t in val_tasks if t in tasks.TEXT_FIELDS and args.val_texts):
         records = [r for u in sorted(run.ds.records.get("val", {})) for r in tasks.user_records(run.ds, u, "val", task)]
         if len(records) > args.val_texts:
             records = random.Random(f"{args.seed}-val-texts-{task}").sample(records, args.val_texts)
-        out[task] = records
+        out[task] = (records, [tasks.SAMPLERS[task](run.ds, r["user"], None, "val", record=r,
+                                                    explanation_target=args.explanation_target)[1] for r in records])
     return out
 
 
@@ -533,17 +535,15 @@ def validate_ranking(run, users):
 
 @torch.no_grad()
 def validate_texts(run, val):
-    """{text task: ROUGE-L (F1 x100) of the greedy texts of its validation records against the task's own target
-    (--explanation_target for explanations)}: what the text tasks are for, where the token loss keeps falling while
-    greedy decoding writes the one most likely sentence for everyone."""
+    """{text task: ROUGE-L (F1 x100) of the greedy texts of its validation records against the task's own targets}:
+    what the text tasks are for, where the token loss keeps falling while greedy decoding writes the one most likely
+    sentence for everyone."""
     run.model.eval()
     figures = {}
-    for task, records in val.texts.items():
+    for task, (records, targets) in val.texts.items():
         generated = generate_texts(run.model, run.tokenizer, run.encoder, run.ds, task, records, "val", 64,
                                    max_new_tokens=run.args.exp_len, explanation_target=run.args.explanation_target,
                                    progress=False)
-        targets = [tasks.SAMPLERS[task](run.ds, r["user"], None, "val", record=r,
-                                        explanation_target=run.args.explanation_target)[1] for r in records]
         figures[task] = rouge(targets, generated)["ROUGE-L"]
     run.model.train()
     return figures
