@@ -45,7 +45,7 @@ def model_name(r):
 
 
 # what a run was given that does not change what it trains: its seed, its paths, its device
-NOT_SETTINGS = {"seed", "checkpoint", "out", "data_dir", "cuda", "rank_users", "val_users", "save_minutes",
+NOT_SETTINGS = {"seed", "checkpoint", "out", "data_dir", "cuda", "rank_users", "val_users", "val_texts", "save_minutes",
                 "log_interval", "no_bf16", "gradient_checkpointing", "micro_batch_tokens"}
 
 

@@ -165,11 +165,12 @@ def test_two_runs_of_one_model_are_named_by_the_settings_they_differ_in(tmp_path
                              ranks=[0, 1, 2, 3], reference_ranks=RULES, backbone="tiny",
                              train_config={"recipe": "learn", "history": "decoder", "seed": 1, "dropout": 0.3, **flags})
     files = [t5(tmp_path / "a.json"), t5(tmp_path / "b.json", name_user="no"),
-             t5(tmp_path / "c.json", name_user="no", dropout=0.5)]
-    names = [name for name, *_ in compare.table(files)][:3]
+             t5(tmp_path / "c.json", name_user="no", dropout=0.5),
+             t5(tmp_path / "d.json", name_user="no", dropout=0.5, val_texts=500, seed=2)]   # a validation sample size
+    names = [name for name, *_ in compare.table(files)][:4]
     base = "T5 tiny (learn recipe, history in the decoder)"
     assert names == [f"{base} (dropout 0.3, name_user yes)", f"{base} (dropout 0.3, name_user no)",
-                     f"{base} (dropout 0.5, name_user no)"]
+                     f"{base} (dropout 0.5, name_user no)", f"{base} (dropout 0.5, name_user no)"]
 
 
 def test_across_refuses_one_dataset_on_two_splits_or_two_rule_definitions(tmp_path):
