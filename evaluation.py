@@ -360,13 +360,14 @@ def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=
 
 
 def generate_texts(model, tokenizer, encoder, ds, task, records, split="test", batch_size=32, num_beams=1,
-                   max_new_tokens=20, explanation_target="auto", progress=True, **extra):
-    """The model's text for each review record of `task` (explanation, review) in `split`, ending at eos; extra:
-    generate()'s decoding flags (min_new_tokens, no_repeat_ngram_size, ...). exp.py and pretrain.py's validation."""
+                   max_new_tokens=20, explanation_target="auto", text_context=(), progress=True, **extra):
+    """The model's text for each review record of `task` (explanation, review) in `split`, ending at eos; the prompts
+    show the run's text_context (tasks.context_texts); extra: generate()'s decoding flags (min_new_tokens,
+    no_repeat_ngram_size, ...). exp.py and pretrain.py's validation."""
     device, texts, task_id = next(model.parameters()).device, [], tasks.TASKS.index(task)
     for chunk in progress_bar(list(batches(records, batch_size)), desc=task, disable=not progress):
-        samples = [tasks.SAMPLERS[task](ds, r["user"], None, split, record=r, explanation_target=explanation_target)
-                   for r in chunk]
+        samples = [tasks.SAMPLERS[task](ds, r["user"], None, split, record=r, explanation_target=explanation_target,
+                                        text_context=text_context) for r in chunk]
         batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), task_id), device)
         with autocast(device):
             out = model.generate(batch, num_beams=num_beams, num_return_sequences=1, max_new_tokens=max_new_tokens,

@@ -10,8 +10,9 @@ most recent, the most frequent overall), and how varied each one's texts are, wi
 generated texts are the same.
 The model is the task's own best (best_explanation/ or best_review/ in the checkpoint dir, where pretrain.py kept
 one), else the run's best model; the output and the results file (checkpoint_read) say which.
-Predictions go to predictions_exp.jsonl (predictions_review.jsonl), metrics to results_exp.json (results_review.json)
-in the checkpoint dir.
+The prompts are the run's own: where it trained with --text_context, they show the same earlier texts, and each
+prediction line carries them ("context"). Predictions go to predictions_exp.jsonl (predictions_review.jsonl), metrics
+to results_exp.json (results_review.json) in the checkpoint dir.
 """
 import json
 import time
@@ -57,9 +58,14 @@ if args.num_beam_groups > 1:   # group beam search left transformers' core in v5
     extra |= {"num_beam_groups": args.num_beam_groups, "diversity_penalty": 1.0,
              "custom_generate": "transformers-community/group-beam-search", "trust_remote_code": True}
 
+# the prompts as in training: its --text_context shows earlier texts of the kind it learnt to write ("auto" reads the
+# same texts as "llm" where the records have them, and a test record without one is no error: its target is unused)
+trained = meta.get("args") or {}
+target = {"llm": "auto"}.get(trained.get("explanation_target"), trained.get("explanation_target", "auto"))
+context = tasks.text_context_sources(trained.get("text_context"))
 generated = generate_texts(model, tokenizer, encoder, ds, args.task, records, "test", args.batch_size,
-                           args.num_beams, args.exp_len, explanation_target="review", min_new_tokens=args.min_len,
-                           **extra)
+                           args.num_beams, args.exp_len, explanation_target=target, text_context=context,
+                           min_new_tokens=args.min_len, **extra)
 seconds = time.time() - started
 
 # every reference the records carry, and beside the model each text rule (text_rules.py) on the same records,
@@ -97,8 +103,11 @@ if args.task == "explanation" and all(r.get("feature") for r in records):
     details["features"] = feature_metrics([r["feature"] for r in records], generated, vocab)
     print("features: " + ", ".join(f"{k} {v:.4f}" for k, v in details["features"].items()))
 
-lines = [json.dumps({"user": r["user"], "item": original[r["item"]] if original else r["item"], "feature": r.get("feature"), "generated": g,
-                     **{f: r[f] for f in ("explanation", "groundtruth_explanation", "review_summary") if r.get(f)}},
+lines = [json.dumps({"user": r["user"], "item": original[r["item"]] if original else r["item"],
+                     "feature": r.get("feature"), "generated": g,
+                     **{f: r[f] for f in ("explanation", "groundtruth_explanation", "review_summary") if r.get(f)},
+                     **({"context": tasks.context_texts(args.task, ds, r, "test", target, context)}
+                        if context else {})},
                     ensure_ascii=False) for r, g in zip(records, generated)]
 pred_path = Path(args.checkpoint) / f"predictions_{'exp' if args.task == 'explanation' else 'review'}.jsonl"
 atomic_write_text(pred_path, "\n".join(lines) + "\n")

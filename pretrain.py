@@ -3,10 +3,10 @@
     python pretrain.py --data_dir ./data/beauty/ --cuda --batch_size 64 --checkpoint ./checkpoint/beauty/
     torchrun --nproc_per_node 4 pretrain.py ...          # DistributedDataParallel, one process per GPU
 
-Every --val_every steps (default: once an epoch) the model is validated: the loss of every task, and the ranking of
-every item for a fixed seeded sample of validation users (--rank_users). The best model is kept in the checkpoint dir
-(safetensors + config.json + tokenizer/): by validation NDCG@10 of the ranked users by default (--stop_on ndcg, the
-learn recipe), by the mean validation loss under --recipe paper; seq.py reads it.
+Every --val_every steps (counted across epochs; default: once an epoch) the model is validated: the loss of every
+task, and the ranking of every item for a fixed seeded sample of validation users (--rank_users). The best model is
+kept in the checkpoint dir (safetensors + config.json + tokenizer/): by validation NDCG@10 of the ranked users by
+default (--stop_on ndcg, the learn recipe), by the mean validation loss under --recipe paper; seq.py reads it.
 
 A single-task run stops after --endure_times validations without gain in that figure. A multi-task run gives every
 task a figure of its own: NDCG@10 of the ranked users for the sequential task (its loss when no user is ranked),
@@ -163,7 +163,13 @@ def parse_args(argv=None):
     parser.add_argument("--explanation_target", choices=["auto", "llm", "review"], default="auto",
                         help="llm: the distilled groundtruth_explanation (HDRec); review: the review sentence (POD); "
                              "auto: llm where the record has it")
-    parser.add_argument("--val_every", type=int, default=0, help="validate every N steps (0: once an epoch)")
+    parser.add_argument("--text_context", choices=["none", "user", "item", "user,item"], default="none",
+                        help="the text tasks' prompts also show the user's last earlier text and/or the item's most "
+                             "frequent one, from the training records (tasks.context_texts); off by default: on "
+                             "Gift_Cards it made the explanations more varied but not closer to what users wrote "
+                             "(docs/RESULTS.md section 9)")
+    parser.add_argument("--val_every", type=int, default=0,
+                        help="validate every N steps, counted across epochs (0: once an epoch)")
     parser.add_argument("--val_users", type=int, default=0, help="validate on a seeded sample of N users (0: all)")
     parser.add_argument("--val_texts", type=int, default=500,
                         help="at every validation, generate (greedy) the texts of a fixed seeded sample of N validation "
@@ -402,7 +408,8 @@ def lr_at(step, steps_per_epoch, args):
 
 def sample_options(args):
     return {"negative_num": args.negative_num, "explanation_target": args.explanation_target,
-            "exp_len": args.exp_len, "history": args.history, "name_user": args.name_user == "yes"}
+            "exp_len": args.exp_len, "history": args.history, "name_user": args.name_user == "yes",
+            "text_context": tasks.text_context_sources(args.text_context)}
 
 
 @dataclass
@@ -543,7 +550,7 @@ def validate_texts(run, val):
     for task, (records, targets) in val.texts.items():
         generated = generate_texts(run.model, run.tokenizer, run.encoder, run.ds, task, records, "val", 64,
                                    max_new_tokens=run.args.exp_len, explanation_target=run.args.explanation_target,
-                                   progress=False)
+                                   text_context=tasks.text_context_sources(run.args.text_context), progress=False)
         figures[task] = rouge(targets, generated)["ROUGE-L"]
     run.model.train()
     return figures
@@ -602,6 +609,7 @@ class Progress:
     task_stopping: dict = field(default_factory=dict)   # task -> its own EarlyStopping; empty for a single task
     text_loss_stopping: dict = field(default_factory=dict)  # text task -> EarlyStopping of its validation loss
     epoch_ratio: list = None        # the shares this epoch's plan was drawn with (training_ratio at its start)
+    steps_since_val: int = 0        # training steps since the last validation (--val_every counts across epochs)
 
     def minutes(self):
         return self.minutes_before + (time.time() - self.started) / 60
@@ -708,14 +716,11 @@ def kept_line(out, progress):
                    for task, s in progress.task_stopping.items())
 
 
-def validation_points(steps, val_every):
-    """The steps (1-based) of an epoch that end with a validation: every val_every steps and the epoch's last; a
-    point less than half an interval before the end is dropped (it would spend a validation, and a count of
-    --endure_times, on a few more steps)."""
-    points = {steps}
-    if val_every:
-        points |= {s for s in range(val_every, steps, val_every) if steps - s >= val_every / 2}
-    return points
+def validation_due(steps_since, epoch_done, val_every, last=False):
+    """Whether a validation follows this step: once an epoch (--val_every 0), else every val_every steps counted
+    across epochs, so that a small set whose epoch is a few steps is not validated after each of them; and always
+    after the last step of --epochs."""
+    return last or (steps_since >= val_every if val_every else epoch_done)
 
 
 def validate_and_keep_best(run, progress, val, epoch, step, speed):
@@ -765,13 +770,12 @@ def train(run, progress, val):
     micro_batch_tokens = args.micro_batch_tokens if args.micro_batch_tokens >= 0 else \
         (2560 if run.device.type == "cpu" else 0)
     last_save = time.time()
+    trained_seconds, trained_steps, samples_before = 0.0, 0, progress.samples    # since the last validation
     while progress.epoch <= args.epochs:
         epoch = progress.epoch
         if progress.step == 0 or progress.epoch_ratio is None:   # mid-epoch (a resume): the plan it was drawn with
             progress.epoch_ratio = training_ratio(run.ratio, progress)
         plan = tasks.epoch_plan(run.ds, progress.epoch_ratio, args.batch_size, args.seed, epoch, run.rank, run.world)
-        val_points = validation_points(len(plan), args.val_every)
-        trained_seconds, trained_steps, samples_before = 0.0, 0, progress.samples    # since the last validation
         bar = progress_bar(range(progress.step, len(plan)), initial=progress.step, total=len(plan),
                            disable=run.rank != 0, desc=f"epoch {epoch}")
         stop = False
@@ -787,6 +791,7 @@ def train(run, progress, val):
                 group["lr"] = lr_at((epoch - 1) * len(plan) + step, len(plan), args)
             run.optimizer.step()
             progress.step = step + 1
+            progress.steps_since_val += 1
             progress.samples += len(users) * run.world
             s = progress.train_sums.setdefault(task, [0.0, 0])
             s[0] += loss
@@ -796,11 +801,14 @@ def train(run, progress, val):
             if step % max(1, args.log_interval) == 0:
                 bar.set_postfix(task=task, loss=f"{loss:.3f}")
             out_of_time = agreed(args.max_minutes and progress.minutes() >= args.max_minutes, run.device)
-            if step + 1 in val_points or out_of_time:
+            epoch_done = step + 1 == len(plan)
+            last = epoch_done and epoch == args.epochs
+            if validation_due(progress.steps_since_val, epoch_done, args.val_every, last) or out_of_time:
                 speed = {"seconds_per_epoch": round(trained_seconds / trained_steps * len(plan), 1),
                          "samples_per_second": round((progress.samples - samples_before) / trained_seconds, 1)}
                 validate_and_keep_best(run, progress, val, epoch, step + 1, speed)
                 trained_seconds, trained_steps, samples_before = 0.0, 0, progress.samples
+                progress.steps_since_val = 0
                 if progress.stop or out_of_time:
                     stop = True
                     log("early stop" if not out_of_time else f"time budget of {args.max_minutes} min reached")
@@ -843,7 +851,7 @@ def save_state(run, progress):
         "task_stopping": {task: [s.best, s.endured] for task, s in progress.task_stopping.items()},
         "text_loss_stopping": {task: [s.best, s.endured] for task, s in progress.text_loss_stopping.items()},
         "samples": progress.samples, "train_sums": progress.train_sums, "minutes": progress.minutes(),
-        "epoch_ratio": progress.epoch_ratio})
+        "epoch_ratio": progress.epoch_ratio, "steps_since_val": progress.steps_since_val})
     if last.exists():
         last.rename(last_old)
     last_tmp.rename(last)
@@ -878,7 +886,7 @@ def load_state(run, saved, val_tasks, val_texts):
                     task_stopping=task_stoppers(val_tasks, run.args.endure_times, saved.get("task_stopping")),
                     text_loss_stopping=task_stoppers(val_tasks, run.args.endure_times, saved.get("text_loss_stopping"),
                                                      only=val_texts),
-                    epoch_ratio=saved.get("epoch_ratio"))
+                    epoch_ratio=saved.get("epoch_ratio"), steps_since_val=saved.get("steps_since_val", 0))
 
 
 # ---------------------------------------------------------------------------------------------------- main

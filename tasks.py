@@ -7,6 +7,7 @@ Batches are single-task, so a 40-token sequential batch is never padded to a 300
 """
 import random
 import re
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -235,11 +236,75 @@ def user_records(ds, user, split, task):
     return [r for r in (ds.records or {}).get(split, {}).get(user, ()) if r.get(field)]
 
 
-def text_sample(task, ds, user, rng, split="train", record=None, explanation_target="auto", **opts):
+def task_text(task, record, explanation_target="auto"):
+    """The text a text task writes for a record."""
+    return explanation_text(record, explanation_target) if task == "explanation" else record["review_summary"]
+
+
+# --text_context: earlier texts of the same kind that the prompt may show the model, so that it can write in the
+# user's own words and the item's (a user id seen in a few records cannot teach it either). They are what the text
+# rules of text_rules.py retrieve, from the training records only: for a validation or test record, the user's last
+# training text and the item's most frequent one; for a training record the same, with the record itself left out
+# (the user's text just before it, or just after where it is the user's first). Each is cut to CONTEXT_WORDS words.
+TEXT_CONTEXTS = ("user", "item")
+CONTEXT_WORDS = 20
+_ITEM_RECORDS = {}       # id(training records) -> (those records, {item: [record]}): built once per dataset
+
+
+def text_context_sources(flag):
+    """--text_context as the samplers take it: a tuple of sources (none for "none", or a run older than the flag)."""
+    return () if flag in (None, "none") else tuple(flag.split(","))
+
+
+def item_train_records(ds):
+    train = (ds.records or {}).get("train", {})
+    key = id(train)
+    if key not in _ITEM_RECORDS:
+        by_item = {}
+        for recs in train.values():
+            for r in recs:
+                by_item.setdefault(r["item"], []).append(r)
+        _ITEM_RECORDS[key] = (train, by_item)      # holding `train` keeps its id from being reused
+    return _ITEM_RECORDS[key][1]
+
+
+def context_texts(task, ds, record, split, explanation_target="auto", sources=TEXT_CONTEXTS):
+    """{source: text} for the sources of --text_context that have a text for this record."""
+    def text(r):
+        return task_text(task, r, explanation_target) if r.get(TEXT_FIELDS[task]) else None
+    out = {}
+    if "user" in sources:
+        mine = (ds.records or {}).get("train", {}).get(record["user"], [])
+        at = next((i for i, r in enumerate(mine) if r is record), None) if split == "train" else None
+        if at is None:
+            pick = [r for r in mine if text(r)][-1:]
+        else:
+            pick = [r for r in mine[:at] if text(r)][-1:] or [r for r in mine[at + 1:] if text(r)][:1]
+        if pick:
+            out["user"] = text(pick[0])
+    if "item" in sources:
+        texts = [text(r) for r in item_train_records(ds).get(record["item"], ()) if r is not record]
+        counts = Counter(t for t in texts if t)
+        if counts:
+            out["item"] = counts.most_common(1)[0][0]     # ties: the first in file order, as the rule
+    return out
+
+
+def context_words(contexts):
+    words = []
+    for source in TEXT_CONTEXTS:
+        if source in contexts:
+            words += [";", source, "wrote", ":"] + contexts[source].split()[:CONTEXT_WORDS]
+    return words
+
+
+def text_sample(task, ds, user, rng, split="train", record=None, explanation_target="auto", text_context=(), **opts):
     record = record or rng.choice(user_records(ds, user, split, task))
     template = rng.choice(TEMPLATES[task]) if split == "train" else TEMPLATES[task][0]
-    target = explanation_text(record, explanation_target) if task == "explanation" else record["review_summary"]
-    return fill(template, user=record["user"], item=record["item"]), target
+    words = fill(template, user=record["user"], item=record["item"])
+    if text_context:
+        words += context_words(context_texts(task, ds, record, split, explanation_target, text_context))
+    return words, task_text(task, record, explanation_target)
 
 
 SAMPLERS = {"sequential": sequential_sample, "topn": topn_sample,

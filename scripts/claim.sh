@@ -12,12 +12,13 @@
 # With Llama-3-8B-Instruct as the paper and a pretrained T5 on a GPU (every flag as in data/distill.py / pretrain.py):
 #   DISTILL_ARGS="--ckpt_dir meta-llama/Meta-Llama-3-8B-Instruct --backend vllm --max_batch_size 64" \
 #   TRAIN_ARGS=--cuda EVAL_ARGS=--cuda BACKBONE=t5-small MINUTES=60 bash scripts/claim.sh
-# Every run resumes (main.sh's steps do); results land in checkpoint/claim/{set}/{setup}/seed_{seed}/.
+# Every run resumes (main.sh's steps do); results land in $ROOT/{set}/{setup}/seed_{seed}/ (ROOT: checkpoint/claim).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SETS=${SETS:-"Gift_Cards:5 All_Beauty:3 Appliances:3"}   # review file : k-core (what is left of each after 5-core)
 SEEDS=${SEEDS:-"1 2 3"}
 SETUPS=${SETUPS:-"hdrec pod ranking"}
+ROOT=${ROOT:-checkpoint/claim}
 export MINUTES=${MINUTES:-12} BACKBONE=${BACKBONE:-tiny} LIMIT=0
 PY=${PYTHON:-python3}
 declare -A SETUP=([hdrec]="1:1:1:3 llm" [pod]="1:1:0:3 review" [ranking]="0:1:0:3 review")
@@ -27,7 +28,7 @@ for set in $SETS; do
     for setup in $SETUPS; do
         read -r ratio target <<< "${SETUP[$setup]}"
         for seed in $SEEDS; do
-            ckpt=checkpoint/claim/$name/$setup/seed_$seed log=checkpoint/claim/$name.$setup.$seed.log
+            ckpt=$ROOT/$name/$setup/seed_$seed log=$ROOT/$name.$setup.$seed.log
             [ -f "$ckpt/claim_done" ] && continue      # evaluated by an earlier call
             mkdir -p "$(dirname "$ckpt")"
             mkdir "$ckpt.claimed" 2>/dev/null || continue  # another process has it (a rerun after a crash: rm -r it)
@@ -42,22 +43,29 @@ for set in $SETS; do
 done
 
 names=$(for set in $SETS; do echo "${set%%:*}" | tr 'A-Z' 'a-z'; done)
+has() { [[ " $SETUPS " == *" $1 "* ]]; }       # the summary covers the set-ups of this call
 echo "# ranking: test NDCG@10 over all items, mean ± std over seeds, paired against the strongest rule"
-$PY scripts/compare.py --across $(for name in $names; do echo checkpoint/claim/$name/*/seed_*/results_seq.json; done)
+$PY scripts/compare.py --across $(for name in $names; do for setup in $SETUPS; do
+    echo $ROOT/$name/$setup/seed_*/results_seq.json; done; done)
 for name in $names; do
-    c=checkpoint/claim/$name
+    c=$ROOT/$name
     for setup in hdrec pod; do
+        has $setup || continue
         echo; echo "# $name, $setup: explanations against the review sentence, mean ± std over seeds"
         $PY scripts/repeat.py summary $c/$setup/seed_*/results_exp.json
     done
     echo; echo "# $name: paired tests (A - B)"
     for pair in "hdrec pod" "hdrec ranking" "pod ranking"; do
-        read -r a b <<< "$pair"; echo "## ranking, $a - $b"
+        read -r a b <<< "$pair"; has $a && has $b || continue
+        echo "## ranking, $a - $b"
         $PY scripts/repeat.py compare $c/$a/seed_*/results_seq.json --vs $c/$b/seed_*/results_seq.json
     done
-    echo "## explanations, hdrec - pod"
-    $PY scripts/repeat.py compare $c/hdrec/seed_*/results_exp.json --vs $c/pod/seed_*/results_exp.json --metric ROUGE-L
+    if has hdrec && has pod; then
+        echo "## explanations, hdrec - pod"
+        $PY scripts/repeat.py compare $c/hdrec/seed_*/results_exp.json --vs $c/pod/seed_*/results_exp.json --metric ROUGE-L
+    fi
     for setup in hdrec pod; do
+        has $setup || continue
         for rule in user_most_recent item_most_frequent most_frequent; do
             echo "## explanations, $setup - $rule"
             $PY scripts/repeat.py compare $c/$setup/seed_*/results_exp.json --vs_rule $rule --metric ROUGE-L

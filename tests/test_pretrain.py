@@ -58,8 +58,8 @@ def test_flags_that_cannot_work_are_user_errors(argv, message):
 
 
 def test_validation_points_and_learning_rate_schedule():
-    assert pretrain.validation_points(10, 0) == {10}
-    assert pretrain.validation_points(10, 4) == {4, 8, 10}
-    assert pretrain.validation_points(10, 3) == {3, 6, 10}          # 9: less than half an interval before the end
+    assert not pretrain.validation_due(7, False, 0) and pretrain.validation_due(7, True, 0)   # once an epoch
+    assert pretrain.validation_due(4, False, 4) and not pretrain.validation_due(3, True, 4)   # across epochs
+    assert pretrain.validation_due(3, True, 4, last=True)                                    # the end of --epochs
     args = flags("--lr", "1.0", "--warmup_steps", "2", "--lr_decay", "linear", "--epochs", "2")
     assert [pretrain.lr_at(s, 3, args) for s in range(6)] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import pretrain
+import tasks
 from dataset import load_dataset
 from module import copy_checkpoint
 from utils import EarlyStopping
@@ -188,7 +189,7 @@ def test_multi_task_state_resumes_and_exp_reads_its_tasks_best(gift_dir, tmp_pat
     log = run(python, script_env, *train)
     assert "resuming from" in log and "early stop" in log
     history = json.loads((ck / "train_log.json").read_text())
-    assert [(h["epoch"], h["step"]) for h in history] == [(1, 1), (1, 4)]
+    assert [(h["epoch"], h["step"]) for h in history] == [(1, 1), (1, 5)]    # --val_every 4 steps after the last
     assert {t: (f["best"], f["without_gain"]) for t, f in history[-1]["tasks"].items()} == \
         {"explanation": (100.0, 2), "sequential": (1.0, 2), "topn": (0.0, 2)}
     assert "explanation ROUGE-L" in log and "this run has ended (early stop)" in run(python, script_env, *train)
@@ -232,3 +233,17 @@ def test_a_single_task_run_is_as_before(data64, tmp_path, python, script_env):
     assert len(history) >= 2 and not any("tasks" in h for h in history)
     assert json.loads((ck / "last" / "train_state.json").read_text())["task_stopping"] == {}
     assert "/1 without gain" in log and "validations without gain" not in log
+
+
+@pytest.mark.slow
+def test_val_every_counts_steps_across_epochs(data64, tmp_path, python, script_env):
+    """A small set's epoch is a few steps: --val_every spans epochs, and the last step of --epochs is validated."""
+    ck = tmp_path / "ck"
+    run(python, script_env, "pretrain.py", "--data_dir", data64, "--checkpoint", ck, "--backbone", "tiny",
+        "--ratio", "0:1:0:0", "--epochs", "4", "--batch_size", "16", "--val_every", "6", "--endure_times", "9",
+        "--stop_on", "loss", "--seed", "1")
+    history = json.loads((ck / "train_log.json").read_text())
+    steps = len(tasks.epoch_plan(load_dataset(data64, log=quiet), [0, 1, 0, 0], 16, seed=1, epoch=1))
+    assert 1 < steps < 6                                        # so no epoch alone reaches a validation
+    done = [(h["epoch"] - 1) * steps + h["step"] for h in history]
+    assert done == list(range(6, 4 * steps, 6)) + ([4 * steps] if 4 * steps % 6 else [])

@@ -167,6 +167,47 @@ def test_text_rules_retrieve_training_texts_by_hand():
     assert rules["user_most_recent"]({"user": 3, "item": 9}) == "b"
 
 
+def test_text_context_by_hand():
+    a, b, c = ({"user": 1, "item": i, "explanation": t} for i, t in ((5, "a"), (6, "b"), (5, "c")))
+    d = {"user": 2, "item": 5, "explanation": "d"}
+    empty = {"user": 2, "item": 6, "explanation": ""}
+    records = {"train": {1: [a, b, c], 2: [d, empty]}, "test": {1: [{"user": 1, "item": 5, "explanation": "z"}],
+                                                                 3: [{"user": 3, "item": 9, "explanation": "y"}]}}
+    ds = Dataset(data_dir=None, sequences={}, num_items=9, negatives={}, id2user={}, id2item={}, records=records)
+    both = ("user", "item")
+    # a training record: the user's text before it (after it for the first), the item's most frequent other text
+    assert tasks.context_texts("explanation", ds, a, "train", sources=both) == {"user": "b", "item": "c"}
+    assert tasks.context_texts("explanation", ds, b, "train", sources=both) == {"user": "a"}    # item 6: no other
+    assert tasks.context_texts("explanation", ds, c, "train", sources=both) == {"user": "b", "item": "a"}
+    assert tasks.context_texts("explanation", ds, empty, "train", sources=both) == {"user": "d", "item": "b"}
+    # a test record: the user's last training text and the item's most frequent one (ties: first in file order)
+    test = records["test"][1][0]
+    assert tasks.context_texts("explanation", ds, test, "test", sources=both) == {"user": "c", "item": "a"}
+    assert tasks.context_texts("explanation", ds, test, "test", sources=("item",)) == {"item": "a"}
+    assert tasks.context_texts("explanation", ds, records["test"][3][0], "test", sources=both) == {}
+    assert tasks.context_words({"item": "one two", "user": "x"}) == \
+        [";", "user", "wrote", ":", "x", ";", "item", "wrote", ":", "one", "two"]
+    assert tasks.text_context_sources("none") == () and tasks.text_context_sources(None) == ()
+    assert tasks.text_context_sources("user,item") == both
+    words, target = tasks.text_sample("explanation", ds, 1, None, "test", record=test, text_context=("user",))
+    assert words[-5:] == [";", "user", "wrote", ":", "c"] and target == "z"
+
+
+def test_text_context_of_a_test_record_is_what_the_rules_retrieve(gift_rationale):
+    ds = gift_rationale
+    for task, field in (("explanation", "explanation"), ("review", "review_summary")):
+        rules, shown = text_rules(ds, field), 0
+        for recs in ds.records["test"].values():
+            for r in recs:
+                context = tasks.context_texts(task, ds, r, "test", "review", ("user", "item"))
+                if r["user"] in ds.records["train"]:
+                    assert context["user"] == rules["user_most_recent"](r)
+                    shown += 1
+                if any(t["item"] == r["item"] for recs in ds.records["train"].values() for t in recs):
+                    assert context["item"] == rules["item_most_frequent"](r)
+        assert shown > 50
+
+
 def test_variety_and_its_warning():
     looped = ["g g g g", "g g g g", "g g g g", "a fine gift"]
     v = variety(looped)
@@ -253,15 +294,19 @@ def test_training_samples_never_use_val_or_test_records(gift_rationale, task):
     assert len(users) > 50
     train_pairs = {(u, r["item"]) for u, recs in ds.records["train"].items() for r in recs}
     for target in ("auto", "review"):
-        for u in users * 3:
-            words, text = tasks.SAMPLERS[task](ds, u, rng, "train", explanation_target=target)
-            assert not text.startswith("secret")
+        for u in users * 3:     # nor the earlier texts its prompt shows (--text_context)
+            words, text = tasks.SAMPLERS[task](ds, u, rng, "train", explanation_target=target,
+                                               text_context=("user", "item"))
+            assert not text.startswith("secret") and "secret" not in words
             item = int(next(w for w in words if w.startswith("item_")).split("_")[1])
             assert (u, item) in train_pairs and item in ds.train_items(u)
-    for split in ("val", "test"):  # and evaluation samples come from their own split
+    for split in ("val", "test"):  # and evaluation samples come from their own split, their context from train
+        shown = 0
         for u in tasks.trainable_users(ds, task, split):
-            _, text = tasks.SAMPLERS[task](ds, u, rng, split)
-            assert text.startswith(f"secret {split}")
+            words, text = tasks.SAMPLERS[task](ds, u, rng, split, text_context=("user", "item"))
+            assert text.startswith(f"secret {split}") and "secret" not in words
+            shown += "wrote" in words
+        assert shown > 0.8 * len(tasks.trainable_users(ds, task, split))
     # every batch of a training epoch
     for task_name, batch_users in tasks.epoch_plan(ds, [1, 0, 1, 0], 16, seed=1, epoch=1):
         assert set(batch_users) <= set(tasks.trainable_users(ds, task_name))
@@ -305,6 +350,24 @@ def run(python, env, script, *args, ok=True, timeout=300):
     return proc
 
 
+def test_copy_probe_makes_the_shown_text_the_answer(gift_dir, tmp_path, python, script_env):
+    out = tmp_path / "probe"
+    run(python, script_env, "scripts/copy_probe.py", "--data_dir", gift_dir, "--out", out, "--seed", "3")
+    ds, original = load_dataset(out, log=quiet), load_dataset(gift_dir, log=quiet)
+    pool = {r["explanation"] for by_user in original.records.values() for rs in by_user.values() for r in rs}
+    per_user = {}
+    for by_user in ds.records.values():
+        for u, recs in by_user.items():
+            per_user.setdefault(u, set()).update(r["explanation"] for r in recs)
+    assert all(len(texts) == 1 for texts in per_user.values()) and set.union(*per_user.values()) <= pool
+    assert len(set.union(*per_user.values())) > 0.5 * len(per_user)      # drawn per user, not one for all
+    shown = [(tasks.context_texts("explanation", ds, r, "test", "review", ("user",)), r["explanation"])
+             for recs in ds.records["test"].values() for r in recs]
+    assert all(c["user"] == t for c, t in shown if c) and sum(1 for c, _ in shown if c) > 50
+    assert "missing" in run(python, script_env, "scripts/copy_probe.py", "--data_dir", tmp_path, "--out",
+                            tmp_path / "x", ok=False).stderr
+
+
 def test_pretrain_refuses_a_text_share_without_records(copy_of_small, tmp_path, python, script_env):
     proc = run(python, script_env, "pretrain.py", "--data_dir", copy_of_small, "--checkpoint", tmp_path / "ck",
                "--backbone", "tiny", "--ratio", "1:1:1:3", ok=False, timeout=120)
@@ -324,7 +387,8 @@ def read_predictions(path):
 def test_exp_end_to_end(gift_dir, tmp_path, python, script_env):
     data, ck = copy_dir(gift_dir, tmp_path / "data"), tmp_path / "ck"
     run(python, script_env, "pretrain.py", "--data_dir", data, "--checkpoint", ck, "--backbone", "tiny",
-        "--ratio", "1:1:0:1", "--epochs", "1", "--batch_size", "32", "--val_users", "30", "--seed", "1")
+        "--ratio", "1:1:0:1", "--epochs", "1", "--batch_size", "32", "--val_users", "30", "--text_context",
+        "user,item", "--seed", "1")
     assert (ck / "model.safetensors").exists()
 
     # explanation.json only: scored against the review sentence
@@ -337,6 +401,10 @@ def test_exp_end_to_end(gift_dir, tmp_path, python, script_env):
     assert len(preds) == len(expected) > 10
     assert [(p["user"], p["item"], p["explanation"], p["feature"]) for p in preds] == \
            [(r["user"], r["item"], r["explanation"], r["feature"]) for r in expected]
+    # the prompts showed the user's and the item's earlier texts (--text_context); the predictions say which
+    assert [p["context"] for p in preds] == \
+           [tasks.context_texts("explanation", ds, r, "test", "auto", ("user", "item")) for r in expected]
+    assert sum(1 for p in preds if p["context"]) > 0.8 * len(preds)
     res = json.loads((ck / "results_exp.json").read_text())
     assert res["task"] == "exp" and res["users"] == 40 and res["all_users"] == len(ds.users)
     results = res["results"]
