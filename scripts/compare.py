@@ -55,7 +55,14 @@ def dataset_name(r):
 
 
 # pretrain.py flags added after some runs were made: what those runs did
-FLAGS_BEFORE_THEY_EXISTED = {"name_user": "yes", "input_scale": "none"}
+FLAGS_BEFORE_THEY_EXISTED = {"name_user": "yes", "input_scale": "none", "text_context": "none"}
+# flags only the text tasks read (explanation, review summary): no setting of a run that gave them no share
+TEXT_TASK_FLAGS = {"text_context", "explanation_target", "exp_len"}
+
+
+def trains_text(cfg):
+    shares = str(cfg.get("ratio", "")).split(":")
+    return len(shares) != 4 or float(shares[0]) > 0 or float(shares[2]) > 0
 
 
 def settings(r):
@@ -63,7 +70,8 @@ def settings(r):
     paths left out: runs with equal settings are seeds of one configuration."""
     cfg = r.get("train_config")
     cfg = {**FLAGS_BEFORE_THEY_EXISTED, **cfg} if cfg else r.get("config") or {}
-    return {k: v for k, v in cfg.items() if k not in NOT_SETTINGS}
+    ignored = NOT_SETTINGS if trains_text(cfg) else NOT_SETTINGS | TEXT_TASK_FLAGS
+    return {k: v for k, v in cfg.items() if k not in ignored}
 
 
 def distinct_names(records):

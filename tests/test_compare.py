@@ -171,6 +171,14 @@ def test_two_runs_of_one_model_are_named_by_the_settings_they_differ_in(tmp_path
     base = "T5 tiny (learn recipe, history in the decoder)"
     assert names == [f"{base} (dropout 0.3, name_user yes)", f"{base} (dropout 0.3, name_user no)",
                      f"{base} (dropout 0.5, name_user no)", f"{base} (dropout 0.5, name_user no)"]
+    # a text-task flag is no setting of a run without text tasks, and one of a run with them
+    seq_only = [t5(tmp_path / f"s{i}.json", ratio="0:1:0:0", seed=i, **flags)
+                for i, flags in enumerate([{}, {"text_context": "user,item"}, {"exp_len": 30}])]
+    assert len({name for name, *_ in compare.table(seq_only)[:3]}) == 1
+    texts = [t5(tmp_path / f"t{i}.json", ratio="1:1:0:3", seed=i, **flags)
+             for i, flags in enumerate([{}, {"text_context": "user,item"}])]
+    assert [name for name, *_ in compare.table(texts)][:2] == [f"{base} (text_context none)",
+                                                               f"{base} (text_context user,item)"]
 
 
 def test_across_refuses_one_dataset_on_two_splits_or_two_rule_definitions(tmp_path):
