@@ -9,6 +9,7 @@ import gzip
 import json
 import math
 import random
+import re
 import shutil
 import subprocess
 
@@ -366,6 +367,20 @@ def test_copy_probe_makes_the_shown_text_the_answer(gift_dir, tmp_path, python, 
     assert all(c["user"] == t for c, t in shown if c) and sum(1 for c, _ in shown if c) > 50
     assert "missing" in run(python, script_env, "scripts/copy_probe.py", "--data_dir", tmp_path, "--out",
                             tmp_path / "x", ok=False).stderr
+    assert "give --out" in run(python, script_env, "scripts/copy_probe.py", "--data_dir", out, ok=False).stderr
+
+
+@pytest.mark.slow
+def test_copy_probe_checks_what_a_model_follows(gift_dir, tmp_path, python, script_env):
+    out, ck = tmp_path / "probe", tmp_path / "ck"
+    run(python, script_env, "scripts/copy_probe.py", "--data_dir", gift_dir, "--out", out)
+    run(python, script_env, "pretrain.py", "--data_dir", out, "--checkpoint", ck, "--backbone", "tiny", "--ratio",
+        "1:0:0:0", "--explanation_target", "review", "--text_context", "user", "--stop_on", "loss", "--epochs", "2",
+        "--batch_size", "32", "--seed", "1")
+    line = run(python, script_env, "scripts/copy_probe.py", "--data_dir", out, "--checkpoint", ck).stdout
+    m = re.search(r"(\d+) test records shown another user's sentence: .* shown ([\d.]+), against the user's own "
+                  r"([\d.]+)", line)
+    assert m and int(m[1]) > 50 and all(0 <= float(v) <= 100 for v in m.groups()[1:])
 
 
 def test_pretrain_refuses_a_text_share_without_records(copy_of_small, tmp_path, python, script_env):
