@@ -7,7 +7,6 @@ Batches are single-task, so a 40-token sequential batch is never padded to a 300
 """
 import random
 import re
-from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 
 from dataset import DataError
 from module import MAX_WHOLE_WORDS, item_word, user_word
+from text_rules import retrieved_texts
 
 # --ratio is given in this order (the seed's: explanation : sequential : review summary : top-N)
 TASKS = ("explanation", "sequential", "review", "topn")
@@ -242,13 +242,11 @@ def task_text(task, record, explanation_target="auto"):
 
 
 # --text_context: earlier texts of the same kind that the prompt may show the model, so that it can write in the
-# user's own words and the item's (a user id seen in a few records cannot teach it either). They are what the text
-# rules of text_rules.py retrieve, from the training records only: for a validation or test record, the user's last
-# training text and the item's most frequent one; for a training record the same, with the record itself left out
-# (the user's text just before it, or just after where it is the user's first). Each is cut to CONTEXT_WORDS words.
+# user's own words and the item's (a user id seen in a few records cannot teach it either): what the text rules
+# retrieve (text_rules.retrieved_texts), from the training records only, a training record's own text left out.
+# Each is cut to CONTEXT_WORDS words.
 TEXT_CONTEXTS = ("user", "item")
 CONTEXT_WORDS = 20
-_ITEM_RECORDS = {}       # id(training records) -> (those records, {item: [record]}): built once per dataset
 
 
 def text_context_sources(flag):
@@ -256,38 +254,12 @@ def text_context_sources(flag):
     return () if flag in (None, "none") else tuple(flag.split(","))
 
 
-def item_train_records(ds):
-    train = (ds.records or {}).get("train", {})
-    key = id(train)
-    if key not in _ITEM_RECORDS:
-        by_item = {}
-        for recs in train.values():
-            for r in recs:
-                by_item.setdefault(r["item"], []).append(r)
-        _ITEM_RECORDS[key] = (train, by_item)      # holding `train` keeps its id from being reused
-    return _ITEM_RECORDS[key][1]
-
-
 def context_texts(task, ds, record, split, explanation_target="auto", sources=TEXT_CONTEXTS):
-    """{source: text} for the sources of --text_context that have a text for this record."""
+    """{source: text} for the sources of --text_context that have a text for this record: texts of the kind the
+    task writes (its --explanation_target for explanations)."""
     def text(r):
         return task_text(task, r, explanation_target) if r.get(TEXT_FIELDS[task]) else None
-    out = {}
-    if "user" in sources:
-        mine = (ds.records or {}).get("train", {}).get(record["user"], [])
-        at = next((i for i, r in enumerate(mine) if r is record), None) if split == "train" else None
-        if at is None:
-            pick = [r for r in mine if text(r)][-1:]
-        else:
-            pick = [r for r in mine[:at] if text(r)][-1:] or [r for r in mine[at + 1:] if text(r)][:1]
-        if pick:
-            out["user"] = text(pick[0])
-    if "item" in sources:
-        texts = [text(r) for r in item_train_records(ds).get(record["item"], ()) if r is not record]
-        counts = Counter(t for t in texts if t)
-        if counts:
-            out["item"] = counts.most_common(1)[0][0]     # ties: the first in file order, as the rule
-    return out
+    return retrieved_texts(ds, record, text, sources, training=split == "train")
 
 
 def context_words(contexts):

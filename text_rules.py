@@ -7,24 +7,58 @@ records:
   most_frequent        the most frequent training text overall
 Ties between equally frequent texts go to the first in file order. Plus how varied a set of texts is: the share of
 distinct texts and of texts that are one word repeated (a decoder that loops writes "g g g g ...").
+The same retrieval (`retrieved_texts`) is what --text_context shows the model in its prompt (tasks.py).
 """
 from collections import Counter
 
 RULES = ("item_most_frequent", "user_most_recent", "most_frequent")
+_BY_ITEM = {}       # id(training records) -> (those records, {item: [record]}): built once per dataset
+
+
+def train_records_by_item(ds):
+    train = (ds.records or {}).get("train", {})
+    if id(train) not in _BY_ITEM:
+        by_item = {}
+        for recs in train.values():
+            for r in recs:
+                by_item.setdefault(r["item"], []).append(r)
+        _BY_ITEM[id(train)] = (train, by_item)      # holding `train` keeps its id from being reused
+    return _BY_ITEM[id(train)][1]
+
+
+def retrieved_texts(ds, record, text, sources=("user", "item"), training=False):
+    """{source: text} from the training records, for each source that has one: "user", the user's last text in file
+    order; "item", the item's most frequent text (ties: the first in file order). text(r): a record's text, or None.
+    training: `record` is a training record, left out: the user's text just before it (just after it for the user's
+    first), the item's most frequent among its other records."""
+    out = {}
+    if "user" in sources:
+        mine = (ds.records or {}).get("train", {}).get(record["user"], [])
+        at = next((i for i, r in enumerate(mine) if r is record), None) if training else None
+        if at is None:
+            pick = [r for r in mine if text(r)][-1:]
+        else:
+            pick = [r for r in mine[:at] if text(r)][-1:] or [r for r in mine[at + 1:] if text(r)][:1]
+        if pick:
+            out["user"] = text(pick[0])
+    if "item" in sources:
+        counts = Counter(t for t in (text(r) for r in train_records_by_item(ds).get(record["item"], ())
+                                     if r is not record) if t)
+        if counts:
+            out["item"] = counts.most_common(1)[0][0]
+    return out
 
 
 def text_rules(ds, field):
-    """{rule: record -> text} over the training records' `field`."""
-    train = [r for recs in (ds.records or {}).get("train", {}).values() for r in recs if r.get(field)]
+    """{rule: record -> text} over the training records' `field`; where the user or the item has no training text,
+    the most frequent overall."""
+    def text(r):
+        return r.get(field) or None
+    train = [r for recs in (ds.records or {}).get("train", {}).values() for r in recs if text(r)]
     overall = Counter(r[field] for r in train).most_common(1)
     overall = overall[0][0] if overall else ""
-    by_item, by_user = {}, {}
-    for r in train:
-        by_item.setdefault(r["item"], Counter())[r[field]] += 1
-        by_user[r["user"]] = r[field]
-    return {"item_most_frequent":
-            lambda r: by_item[r["item"]].most_common(1)[0][0] if r["item"] in by_item else overall,
-            "user_most_recent": lambda r: by_user.get(r["user"], overall),
+    return {"item_most_frequent": lambda r: retrieved_texts(ds, r, text, ("item",)).get("item", overall),
+            "user_most_recent": lambda r: retrieved_texts(ds, r, text, ("user",)).get("user", overall),
             "most_frequent": lambda r: overall}
 
 
