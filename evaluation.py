@@ -12,6 +12,7 @@ import torch
 
 import tasks
 from dataset import load_dataset, renumber_items
+from metrics import rouge_per_text
 from module import ItemTrie, TrieConstraint, load_checkpoint, parse_item, task_best_dir
 from ranking import (RULE_NAMES, candidate_scores, eval_cases, list_scores, rank_targets, rule_scores,
                      top_lists)
@@ -149,10 +150,10 @@ def training_summary(checkpoint, meta):
             if ranked else {}}
 
 
-def write_run_results(args, task, meta, ds, users, started, **fields):
-    """results_{task}[_paper].json in the checkpoint dir, in the one results format (results.py)."""
+def write_run_results(args, task, meta, ds, users, started, suffix="", **fields):
+    """results_{task}[_paper][suffix].json in the checkpoint dir, in the one results format (results.py)."""
     paper = getattr(args, "protocol", "clean") == "paper"
-    path = Path(args.checkpoint) / f"results_{task}{'_paper' if paper else ''}.json"
+    path = Path(args.checkpoint) / f"results_{task}{'_paper' if paper else ''}{suffix}.json"
     return write_results(path, task=task, ds=ds, users=users, started=started,
                          item_ids=meta.get("item_ids", "published"),
                          training=training_summary(args.checkpoint, meta), config=vars(args),
@@ -360,20 +361,42 @@ def rank_topn(model, tokenizer, encoder, ds, users, protocol="clean", num_beams=
 
 
 def generate_texts(model, tokenizer, encoder, ds, task, records, split="test", batch_size=32, num_beams=1,
-                   max_new_tokens=20, explanation_target="auto", text_context=(), progress=True, **extra):
+                   max_new_tokens=20, explanation_target="auto", text_context=(), mbr_samples=0, progress=True,
+                   **extra):
     """The model's text for each review record of `task` (explanation, review) in `split`, ending at eos; the prompts
     show the run's text_context (tasks.context_texts); extra: generate()'s decoding flags (min_new_tokens,
-    no_repeat_ngram_size, ...). exp.py and pretrain.py's validation."""
+    no_repeat_ngram_size, ...). mbr_samples > 0: of the num_beams beams, the one mbr_pick prefers against that many
+    texts sampled from the model. exp.py and pretrain.py's validation."""
     device, texts, task_id = next(model.parameters()).device, [], tasks.TASKS.index(task)
+    beams = num_beams if mbr_samples else 1
     for chunk in progress_bar(list(batches(records, batch_size)), desc=task, disable=not progress):
         samples = [tasks.SAMPLERS[task](ds, r["user"], None, split, record=r, explanation_target=explanation_target,
                                         text_context=text_context) for r in chunk]
         batch = tasks.to_device(tasks.collate(tasks.encode_samples(encoder, samples), task_id), device)
         with autocast(device):
-            out = model.generate(batch, num_beams=num_beams, num_return_sequences=1, max_new_tokens=max_new_tokens,
-                                 **extra)
-        texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+            out = model.generate(batch, num_beams=num_beams, num_return_sequences=beams,
+                                 max_new_tokens=max_new_tokens, **extra)
+            if mbr_samples:
+                drawn = model.generate(batch, num_beams=1, num_return_sequences=mbr_samples, do_sample=True, top_k=0,
+                                       max_new_tokens=max_new_tokens, **extra)
+        decoded = [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        if mbr_samples:
+            drawn = [t.strip() for t in tokenizer.batch_decode(drawn, skip_special_tokens=True)]
+            decoded = [mbr_pick(decoded[i * beams:(i + 1) * beams], drawn[i * mbr_samples:(i + 1) * mbr_samples])
+                       for i in range(len(chunk))]
+        texts += decoded
     return texts
+
+
+def mbr_pick(candidates, evidence):
+    """Minimum Bayes-risk choice (Kumar & Byrne 2004; Freitag et al. 2022 with samples as the evidence): the candidate
+    with the highest mean ROUGE-L F1 (metrics.py) against the evidence texts, the first on a tie. Beam search and
+    greedy decoding pick the single most probable path, which on a small set is the one generic sentence most
+    records share; the expected score of each beam under the model's own distribution picks per record."""
+    pairs = [(e, c) for c in candidates for e in evidence]
+    scores = rouge_per_text([e for e, _ in pairs], [c for _, c in pairs])["ROUGE-L"]
+    totals = [sum(scores[i * len(evidence):(i + 1) * len(evidence)]) for i in range(len(candidates))]
+    return candidates[totals.index(max(totals))]
 
 
 def autocast(device):

@@ -207,13 +207,13 @@ class HDRec(nn.Module):
         return nn.functional.cross_entropy(logits.float(), target)
 
     @torch.no_grad()
-    def generate(self, batch, num_beams=20, num_return_sequences=10, max_new_tokens=12, **kwargs):
+    def generate(self, batch, num_beams=20, num_return_sequences=10, max_new_tokens=12, do_sample=False, **kwargs):
         encoder_outputs, mask = self.encode(batch)
         if num_beams > 1 and "past_key_values" not in kwargs:
             kwargs["past_key_values"] = BeamCache(DynamicCache(), DynamicCache())
         return self.t5.generate(encoder_outputs=encoder_outputs, attention_mask=mask, num_beams=num_beams,
                                 num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
-                                do_sample=False, **kwargs)
+                                do_sample=do_sample, **kwargs)
 
     @torch.no_grad()
     def next_token_logprobs(self, batch, decoder_input_ids, decoder_attention_mask):

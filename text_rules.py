@@ -6,9 +6,12 @@ records:
   user_most_recent     the user's last training text, in file order (the overall rule where the user has none)
   most_frequent        the most frequent training text overall
 Ties between equally frequent texts go to the first in file order. Plus how varied a set of texts is: the share of
-distinct texts and of texts that are one word repeated (a decoder that loops writes "g g g g ...").
+distinct texts, of texts that are one word repeated (a decoder that loops writes "g g g g ..."), and of texts that
+loop anywhere: a word three times in a row ("a a a"), or a word piece of one to three letters four times in a row
+inside a word (a sub-word decoder loops as "andndndnd", which is one word and no word repeated).
 The same retrieval (`retrieved_texts`) is what --text_context shows the model in its prompt (tasks.py).
 """
+import re
 from collections import Counter
 
 RULES = ("item_most_frequent", "user_most_recent", "most_frequent")
@@ -67,19 +70,29 @@ def one_word_repeated(text):
     return len(words) >= 2 and len(set(words)) == 1
 
 
+LOOP = re.compile(r"\b(\w+)(?:\W+\1\b){2,}|([a-z]{1,3})\2{3,}")
+
+
+def loops(text):
+    return LOOP.search(text.lower()) is not None
+
+
 def variety(texts):
-    """Share of distinct texts, of texts that are one word repeated, and of the most frequent text."""
+    """Share of distinct texts, of texts that are one word repeated, of texts that loop, and of the most frequent
+    text."""
     if not texts:
-        return {"distinct": 0.0, "one_word_repeated": 0.0, "most_frequent_share": 0.0}
+        return {"distinct": 0.0, "one_word_repeated": 0.0, "loops": 0.0, "most_frequent_share": 0.0}
     counts = Counter(texts)
     return {"distinct": len(counts) / len(texts),
             "one_word_repeated": sum(map(one_word_repeated, texts)) / len(texts),
+            "loops": sum(map(loops, texts)) / len(texts),
             "most_frequent_share": counts.most_common(1)[0][1] / len(texts)}
 
 
 def variety_warning(figures):
-    """A loud line when most generated texts are the same text, or one word repeated."""
-    if figures["most_frequent_share"] > 0.5 or figures["one_word_repeated"] > 0.5:
+    """A loud line when most generated texts are the same text, one word repeated, or loop."""
+    if figures["most_frequent_share"] > 0.5 or figures["one_word_repeated"] > 0.5 or figures.get("loops", 0) > 0.5:
         return (f"WARNING: the generated texts barely vary: {figures['distinct']:.1%} distinct, the most frequent one "
-                f"is {figures['most_frequent_share']:.1%} of them, {figures['one_word_repeated']:.1%} repeat one word")
+                f"is {figures['most_frequent_share']:.1%} of them, {figures['one_word_repeated']:.1%} repeat one word, "
+                f"{figures.get('loops', 0):.1%} loop")
     return None

@@ -22,6 +22,9 @@ PY=${PYTHON:-python3}
 limit=(); [ "$LIMIT" = 0 ] || limit=(--limit "$LIMIT")
 # DISTILL_ARGS / TRAIN_ARGS / EVAL_ARGS: more flags for distill.py / pretrain.py / the evaluations (e.g. --cuda)
 read -ra distill_args <<< "${DISTILL_ARGS:-}"; read -ra train_args <<< "${TRAIN_ARGS:-}"; read -ra eval_args <<< "${EVAL_ARGS:-}"
+# exp.py's decoding: greedy (the paper's) with no token pair written twice, chosen on validation over the review sets
+# (docs/RESULTS.md §9: a model of a few hundred sentences otherwise loops, "andndndnd"); EXP_ARGS= for the paper's
+read -ra exp_args <<< "${EXP_ARGS---no_repeat_ngram_size 2}"
 $PY data/distill.py --data_dir "$DATA" "${limit[@]}" --greedy --max_batch_size 16 \
     --seed "$SEED" "${distill_args[@]}"
 # the learn recipe (its defaults: random ids, inputs layer-normalised, std .02 embeddings) with the settings of a small
@@ -36,6 +39,8 @@ for protocol in clean paper; do
     $PY topn.py --data_dir "$DATA" --checkpoint "$CKPT" --protocol $protocol --seed "$SEED" "${eval_args[@]}"
 done
 IFS=: read -r exp_share _ review_share _ <<< "$RATIO"     # a text task that was not trained is not evaluated
-[ "$exp_share" = 0 ] || $PY exp.py --data_dir "$DATA" --checkpoint "$CKPT" --seed "$SEED" "${eval_args[@]}"
-[ "$review_share" = 0 ] || $PY exp.py --data_dir "$DATA" --checkpoint "$CKPT" --task review --seed "$SEED" "${eval_args[@]}"
+[ "$exp_share" = 0 ] || $PY exp.py --data_dir "$DATA" --checkpoint "$CKPT" --seed "$SEED" "${exp_args[@]}" \
+    "${eval_args[@]}"
+[ "$review_share" = 0 ] || $PY exp.py --data_dir "$DATA" --checkpoint "$CKPT" --task review --seed "$SEED" \
+    "${exp_args[@]}" "${eval_args[@]}"
 $PY scripts/results_table.py "$CKPT"

@@ -17,9 +17,9 @@ import pytest
 
 import tasks
 from dataset import DataError, Dataset, load_dataset, random_item_permutation, renumber_items
-from evaluation import eval_users
+from evaluation import autocast, eval_users, generate_texts, mbr_pick
 from metrics import bleu, feature_metrics, rouge, rouge_per_text, text_metrics, text_scores
-from text_rules import text_rules, variety, variety_warning
+from text_rules import loops, text_rules, variety, variety_warning
 
 from conftest import ROOT, SHARED_DATA, quiet
 
@@ -209,12 +209,63 @@ def test_text_context_of_a_test_record_is_what_the_rules_retrieve(gift_rationale
         assert shown > 50
 
 
+def test_mbr_pick_by_hand():
+    # ROUGE-L F1 of "great gift card" against "great gift": LCS 2, P 2/3, R 1 -> .8; against "gift card" likewise;
+    # "nice" shares no word with either: 0
+    assert mbr_pick(["nice", "great gift card"], ["great gift", "gift card"]) == "great gift card"
+    # the candidate that most of the evidence agrees with, wherever it stands; a tie goes to the first
+    assert mbr_pick(["c d", "a b"], ["a b", "a b", "c d"]) == "a b"
+    assert mbr_pick(["a b", "c d"], ["a b", "c d"]) == "a b"
+
+
+def test_mbr_decoding_picks_each_records_beam_by_its_own_samples(gift_rationale, gift_encoder):
+    import torch
+    from transformers import T5ForConditionalGeneration
+    from module import HDRec, t5_config_for
+    ds, enc = gift_rationale, gift_encoder
+    enc.add(tasks.id_words(ds))
+    torch.manual_seed(0)
+    model = HDRec(T5ForConditionalGeneration(t5_config_for("tiny", enc.tokenizer)), task_num=4, prompt_num=3,
+                  seed=1).eval()
+    records = [r for recs in ds.records["test"].values() for r in recs][:6]
+    torch.manual_seed(3)
+    got = generate_texts(model, enc.tokenizer, enc, ds, "explanation", records, batch_size=4, num_beams=3,
+                         mbr_samples=5, max_new_tokens=8, progress=False)
+
+    # the same draws by hand: per batch of 4 records, 3 beams and then 5 samples for each record
+    def decode(ids):
+        return [t.strip() for t in enc.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    torch.manual_seed(3)
+    expected, all_beams = [], []
+    for chunk in (records[:4], records[4:]):
+        samples = [tasks.SAMPLERS["explanation"](ds, r["user"], None, "test", record=r) for r in chunk]
+        batch = tasks.collate(tasks.encode_samples(enc, samples), tasks.TASKS.index("explanation"))
+        with autocast(torch.device("cpu")):
+            beams = decode(model.generate(batch, num_beams=3, num_return_sequences=3, max_new_tokens=8))
+            drawn = decode(model.generate(batch, num_beams=1, num_return_sequences=5, do_sample=True, top_k=0,
+                                          max_new_tokens=8))
+        for i in range(len(chunk)):
+            all_beams.append(beams[3 * i:3 * i + 3])
+            expected.append(mbr_pick(all_beams[-1], drawn[5 * i:5 * i + 5]))
+    assert got == expected and all(text in mine for text, mine in zip(got, all_beams))
+    # without samples: greedy decoding, one text per record
+    assert len(generate_texts(model, enc.tokenizer, enc, ds, "explanation", records, num_beams=1, max_new_tokens=8,
+                              progress=False)) == len(records)
+
+
 def test_variety_and_its_warning():
     looped = ["g g g g", "g g g g", "g g g g", "a fine gift"]
     v = variety(looped)
-    assert v == {"distinct": 0.5, "one_word_repeated": 0.75, "most_frequent_share": 0.75}
+    assert v == {"distinct": 0.5, "one_word_repeated": 0.75, "loops": 0.75, "most_frequent_share": 0.75}
     assert "WARNING: the generated texts barely vary" in variety_warning(v)
     assert variety_warning(variety(["a fine gift", "easy to use", "a fine gift", "works"])) is None   # half: not most
+    # a loop inside a text, of words or of word pieces, is a loop; a word twice, or a piece three times, is not
+    sub_word = ["This is a a andndndndnd", "This thehehehehe s", "it is a a a gift", "great great gift",
+                "bananas", "a fine gift"]
+    assert [loops(t) for t in sub_word] == [True, True, True, False, False, False]
+    v = variety(sub_word)
+    assert v["loops"] == 0.5 and v["one_word_repeated"] == 0 and variety_warning(v) is None
+    assert "75.0% loop" in variety_warning(variety(sub_word[:3] + ["works"]))
 
 
 def test_records_are_grouped_by_split_and_user(gift, gift_dir):
@@ -436,6 +487,21 @@ def test_exp_end_to_end(gift_dir, tmp_path, python, script_env):
     vocab = {r["feature"] for by_user in ds.records.values() for rs in by_user.values() for r in rs}
     assert res["details"]["features"] == pytest.approx(feature_metrics([p["feature"] for p in preds], generated, vocab))
     assert list(res["details"]["features"]) == ["FMR", "FCR", "DIV"]
+
+    # validation records and MBR decoding, tagged: written beside the test figures, which stay as they were
+    before = (ck / "results_exp.json").read_text()
+    run(python, script_env, "exp.py", "--data_dir", data, "--checkpoint", ck, "--users", "40", "--split", "val",
+        "--num_beams", "3", "--mbr_samples", "4", "--tag", "mbr")
+    assert (ck / "results_exp.json").read_text() == before
+    res = json.loads((ck / "results_exp_val_mbr.json").read_text())
+    assert res["config"]["split"] == "val" and res["config"]["mbr_samples"] == 4 and res["config"]["num_beams"] == 3
+    val = [r for u, recs in ds.records["val"].items() if u in users for r in recs]
+    preds = read_predictions(ck / "predictions_exp_val_mbr.jsonl")
+    assert [(p["user"], p["item"], p["explanation"]) for p in preds] == [(r["user"], r["item"], r["explanation"]) for r in val]
+    assert [p["context"] for p in preds] == \
+           [tasks.context_texts("explanation", ds, r, "val", "auto", ("user", "item")) for r in val]
+    assert res["results"]["HDRec (vs review sentence)"] == pytest.approx(
+        text_metrics([p["explanation"] for p in preds], [p["generated"] for p in preds]))
 
     # with explanation_rationale.json: both references, labelled; and the review-summary task
     rat = with_rationale(gift_dir, tmp_path / "rationale")
