@@ -15,7 +15,7 @@ import time
 
 from evaluation import (eval_users, input_sensitivity, list_quality, load_run, parser, personalisation,
                         personalisation_warning, rank_next, recommend_next, write_run_results)
-from ranking import eval_cases, rule_ranks, rule_scores, rule_settings, top_lists
+from ranking import eval_cases, rule_ranks, rule_scores, rule_settings, top_lists_batched
 from results import FULL_RANKING, print_table, rank_rows
 from utils import report_user_errors
 
@@ -39,7 +39,7 @@ reference_ranks = rule_ranks(ds, users, "test")
 rows = rank_rows(model_name, ranks, reference_ranks, list_length)
 # how personal the lists are: the model's and the history-free / history-driven rules' (cheap to list)
 _, histories, _ = eval_cases(ds, "test", users)
-rule_lists = {name: top_lists(score_fn(histories), histories, args.top_k) for name, score_fn in
+rule_lists = {name: top_lists_batched(score_fn, histories, args.top_k) for name, score_fn in
               rule_scores(ds, ("most_popular", "recent_popular", "co_occurrence")).items()}
 personal = {name: personalisation(ls, rule_lists["most_popular"], ds.num_items)
             for name, ls in {model_name: lists, **rule_lists}.items()}

@@ -94,6 +94,19 @@ def test_leak_rule_ranks_the_next_unseen_ids():
     assert ranking.top_lists(scores, [[1, 3], [5]], 3) == [[4, 5, 6], [6, None, None]]
 
 
+def test_top_lists_in_batches_are_the_lists_of_all_users_at_once():
+    torch.manual_seed(0)
+    scores = torch.randint(0, 5, (7, 9)).float()           # ties everywhere: the order must still agree
+    histories = [[1], [], [2, 3], [8], [1, 2, 3, 4, 5, 6, 7, 8], [4], [6, 7]]
+    calls = []
+
+    def score_fn(h):            # the rows of the users asked for, in order
+        calls.append(len(h))
+        return scores[sum(calls[:-1]):sum(calls)]
+    assert ranking.top_lists_batched(score_fn, histories, 4, batch_size=3) == ranking.top_lists(scores, histories, 4)
+    assert calls == [3, 3, 1]
+
+
 @pytest.fixture(scope="module")
 def slice_ds(tmp_path_factory):
     d = make_slice(tmp_path_factory.mktemp("rules"), 200, seed=4)
