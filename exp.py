@@ -62,12 +62,12 @@ model_dir = task_checkpoint(args.checkpoint, args.task)    # best_<task>/ where 
 model, tokenizer, meta, ds, encoder, device = load_run(args, model_dir)
 if not ds.records or not ds.records.get(args.split):
     raise UserError(f"{args.data_dir}: no {args.split} review records (explanation.json / explanation_rationale.json "
-                    "with a '{args.split}' list); make them with data/prepare.py")
+                    f"with a '{args.split}' list); make them with data/prepare.py")
 users = set(eval_users(ds, args.users, args.seed))
 records = [r for u, recs in ds.records[args.split].items() if u in users for r in recs
            if r.get(tasks.TEXT_FIELDS[args.task])]
 if not records:
-    raise UserError(f"no test records with a '{tasks.TEXT_FIELDS[args.task]}' field in {ds.records_file}")
+    raise UserError(f"no {args.split} records with a '{tasks.TEXT_FIELDS[args.task]}' field in {ds.records_file}")
 # generation stops at end-of-sequence (the model's eos_token_id); repetition control only where a flag asks for it
 extra = {k: v for k, v in (("no_repeat_ngram_size", args.no_repeat_ngram_size),
                            ("repetition_penalty", args.repetition_penalty)) if v not in (0, 1.0)}
