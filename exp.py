@@ -127,7 +127,7 @@ lines = [json.dumps({"user": r["user"], "item": original[r["item"]] if original 
                         if context else {})},
                     ensure_ascii=False) for r, g in zip(records, generated)]
 # a validation run never overwrites the test figures, nor a tagged run the untagged
-suffix = "".join(f"_{part}" for part in ((args.split if args.split != "test" else ""), args.tag) if part)
+suffix = ("_val" if args.split == "val" else "") + (f"_{args.tag}" if args.tag else "")
 pred_path = Path(args.checkpoint) / f"predictions_{'exp' if args.task == 'explanation' else 'review'}{suffix}.jsonl"
 atomic_write_text(pred_path, "\n".join(lines) + "\n")
 print(f"predictions: {pred_path}")
