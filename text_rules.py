@@ -91,8 +91,8 @@ def variety(texts):
 
 def variety_warning(figures):
     """A loud line when most generated texts are the same text, one word repeated, or loop."""
-    if figures["most_frequent_share"] > 0.5 or figures["one_word_repeated"] > 0.5 or figures.get("loops", 0) > 0.5:
+    if figures["most_frequent_share"] > 0.5 or figures["one_word_repeated"] > 0.5 or figures["loops"] > 0.5:
         return (f"WARNING: the generated texts barely vary: {figures['distinct']:.1%} distinct, the most frequent one "
                 f"is {figures['most_frequent_share']:.1%} of them, {figures['one_word_repeated']:.1%} repeat one word, "
-                f"{figures.get('loops', 0):.1%} loop")
+                f"{figures['loops']:.1%} loop")
     return None
