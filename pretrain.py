@@ -126,8 +126,13 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=None, help=f"AdamW's learning rate; {by_recipe('lr')}")
     parser.add_argument("--warmup_steps", type=int, default=None,
                         help=f"linear learning-rate warm-up over this many steps; {by_recipe('warmup_steps')}")
-    parser.add_argument("--lr_decay", choices=["none", "linear"], default="none",
-                        help="linear: the learning rate falls linearly to 0 at the end of --epochs (after the warm-up)")
+    parser.add_argument("--lr_decay", choices=["none", "linear", "plateau"], default="none",
+                        help="linear: the learning rate falls linearly to 0 at the end of --epochs (after the warm-up); "
+                             "plateau: it halves after every --lr_patience validations in a row without a gain in "
+                             "the --stop_on figure (the number of passes is not known in advance under a budget)")
+    parser.add_argument("--lr_patience", type=int, default=3,
+                        help="--lr_decay plateau: validations without gain before each halving (below --endure_times, "
+                             "so that the lowered rate gets validations of its own before the stop)")
     parser.add_argument("--weight_decay", type=float, default=0.01,
                         help="AdamW's decoupled weight decay (torch's default, as POD), not applied to norm weights")
     parser.add_argument("--dropout", type=float, default=None,
@@ -237,6 +242,9 @@ def check_args(args):
                         f"{args.backbone} is pretrained")
     if args.item_init == "cooc" and args.id_tokens != "atomic":
         raise UserError("--item_init cooc sets one embedding row per item: it needs --id_tokens atomic")
+    if args.lr_decay == "plateau" and not 1 <= args.lr_patience < args.endure_times:
+        raise UserError(f"--lr_patience must be at least 1 and below --endure_times ({args.endure_times}): the "
+                        f"lowered rate needs validations of its own before the stop; got {args.lr_patience}")
     return ratio
 
 
@@ -396,10 +404,12 @@ def build_optimizer(model, lr, weight_decay):
                               {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}], lr=lr)
 
 
-def lr_at(step, steps_per_epoch, args):
+def lr_at(step, steps_per_epoch, args, lr_scale=1.0):
     """The learning rate at global step `step` (0-based): warm-up, then constant or a linear fall to 0 at the end of
-    --epochs. A function of the step alone, so a resumed run follows the same schedule."""
+    --epochs; times lr_scale, the plateau halvings so far (--lr_decay plateau). A function of the step and the saved
+    halvings, so a resumed run follows the same schedule."""
     factor = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    factor *= lr_scale
     if args.lr_decay == "linear":
         total = args.epochs * steps_per_epoch
         factor *= max(0.0, (total - step) / max(1, total - args.warmup_steps)) if step >= args.warmup_steps else 1.0
@@ -610,6 +620,7 @@ class Progress:
     text_loss_stopping: dict = field(default_factory=dict)  # text task -> EarlyStopping of its validation loss
     epoch_ratio: list = None        # the shares this epoch's plan was drawn with (training_ratio at its start)
     steps_since_val: int = 0        # training steps since the last validation (--val_every counts across epochs)
+    lr_scale: float = 1.0           # --lr_decay plateau: 0.5 ** the halvings so far
 
     def minutes(self):
         return self.minutes_before + (time.time() - self.started) / 60
@@ -672,6 +683,15 @@ def count_validation(progress, top_figure, figures, text_losses=None):
     for task, stopping in progress.text_loss_stopping.items():
         stopping.improved(text_losses[task])
     return top_gained, {task: stopping.improved(figures[task]) for task, stopping in progress.task_stopping.items()}
+
+
+def lower_lr_on_plateau(args, progress, top_gained):
+    """--lr_decay plateau: halve progress.lr_scale after every --lr_patience validations in a row without a gain in
+    the --stop_on figure (counted by progress.stopping); True when it did."""
+    if args.lr_decay != "plateau" or top_gained or progress.stopping.endured % args.lr_patience:
+        return False
+    progress.lr_scale /= 2
+    return True
 
 
 def keep_best_models(run, progress, top_gained, gained, record):
@@ -739,6 +759,9 @@ def validate_and_keep_best(run, progress, val, epoch, step, speed):
     figures = {task: task_figure(task, losses, ranking, texts) for task in progress.task_stopping}
     top_gained, gained = count_validation(progress, -ranking["NDCG@10"] if args.stop_on == "ndcg" else mean,
                                           lower_is_better(figures), losses)
+    if lower_lr_on_plateau(args, progress, top_gained):
+        log(f"{args.lr_patience} validations without gain: learning rate halved to {args.lr * progress.lr_scale:.2e}")
+    record["lr"] = args.lr * progress.lr_scale      # the rate after this validation (before any warm-up / decay)
     if figures:
         record["tasks"] = {task: {"figure": name, "value": value, "best": abs(progress.task_stopping[task].best),
                                   "without_gain": progress.task_stopping[task].endured,
@@ -788,7 +811,7 @@ def train(run, progress, val):
             loss = backward_batch(ddp_model, batch, micro_batch_tokens, run.autocast, no_sync)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             for group in run.optimizer.param_groups:
-                group["lr"] = lr_at((epoch - 1) * len(plan) + step, len(plan), args)
+                group["lr"] = lr_at((epoch - 1) * len(plan) + step, len(plan), args, progress.lr_scale)
             run.optimizer.step()
             progress.step = step + 1
             progress.steps_since_val += 1
@@ -851,7 +874,8 @@ def save_state(run, progress):
         "task_stopping": {task: [s.best, s.endured] for task, s in progress.task_stopping.items()},
         "text_loss_stopping": {task: [s.best, s.endured] for task, s in progress.text_loss_stopping.items()},
         "samples": progress.samples, "train_sums": progress.train_sums, "minutes": progress.minutes(),
-        "epoch_ratio": progress.epoch_ratio, "steps_since_val": progress.steps_since_val})
+        "epoch_ratio": progress.epoch_ratio, "steps_since_val": progress.steps_since_val,
+        "lr_scale": progress.lr_scale})
     if last.exists():
         last.rename(last_old)
     last_tmp.rename(last)
@@ -886,7 +910,8 @@ def load_state(run, saved, val_tasks, val_texts):
                     task_stopping=task_stoppers(val_tasks, run.args.endure_times, saved.get("task_stopping")),
                     text_loss_stopping=task_stoppers(val_tasks, run.args.endure_times, saved.get("text_loss_stopping"),
                                                      only=val_texts),
-                    epoch_ratio=saved.get("epoch_ratio"), steps_since_val=saved.get("steps_since_val", 0))
+                    epoch_ratio=saved.get("epoch_ratio"), steps_since_val=saved.get("steps_since_val", 0),
+                    lr_scale=saved.get("lr_scale", 1.0))
 
 
 # ---------------------------------------------------------------------------------------------------- main

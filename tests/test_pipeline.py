@@ -243,6 +243,28 @@ def test_resume_continues_where_it_stopped(random_run, data64, tmp_path, python,
     assert_same_tensors(ckpt / "last" / "train_state.safetensors", resumed / "last" / "train_state.safetensors")
 
 
+def test_plateau_halvings_survive_a_resume(data64, tmp_path, python, script_env):
+    """--lr_decay plateau, a validation after every step: the rate halves after each validation without a gain in
+    NDCG@10, and a run interrupted after its first step ends with the same rates and weights as an uninterrupted one."""
+    plateau = ["--lr_decay", "plateau", "--lr_patience", "1", "--endure_times", "8", "--val_every", "1"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    log = train_random(python, script_env, data64, whole, *plateau)
+    history = json.loads((whole / "train_log.json").read_text())
+    best, expected = -1.0, []
+    for h in history:                                      # the rule, from the log's own figures
+        gained = h["val_ranking"]["NDCG@10"] > best
+        best = max(best, h["val_ranking"]["NDCG@10"])
+        expected.append((expected[-1] if expected else 1e-3) * (1 if gained else 0.5))
+    assert [h["lr"] for h in history] == pytest.approx(expected)
+    assert min(expected) < 1e-3 and log.count("learning rate halved") == sum(a != b for a, b in zip([1e-3] + expected,
+                                                                                                   expected))
+    train_random(python, script_env, data64, resumed, *plateau, "--max_minutes", "0.0001")
+    assert json.loads((resumed / "last" / "train_state.json").read_text())["step"] == 1
+    train_random(python, script_env, data64, resumed, *plateau)
+    assert without_time(json.loads((resumed / "train_log.json").read_text())) == without_time(history)
+    assert_same_tensors(whole / "last" / "model.safetensors", resumed / "last" / "model.safetensors")
+
+
 def test_resume_after_a_crash_between_state_files(random_run, data64, tmp_path, python, script_env):
     ckpt, _ = random_run
     crashed = tmp_path / "d"

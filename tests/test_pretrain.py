@@ -1,10 +1,12 @@
 """pretrain.py's flags, without training: the recipes fill in what the command line leaves out (and say so in
 --help), the combinations that cannot work are one-line errors, the validation points and the learning-rate
 schedule. Training itself: test_pipeline.py, test_kill.py, test_learning.py."""
+import random
+
 import pytest
 
 import pretrain
-from utils import UserError
+from utils import EarlyStopping, UserError
 
 
 def flags(*argv):
@@ -51,6 +53,8 @@ def test_help_says_what_each_recipe_gives(capsys):
     (["--recipe", "paper", "--item_init", "cooc"], "--item_init cooc sets one embedding row per item"),
     (["--item_ids", "semantic", "--item_init", "cooc"], "--item_ids semantic gives every code level"),
     (["--recipe", "paper", "--embedding_std", "0.02"], "--embedding_std sets a from-scratch backbone"),
+    (["--lr_decay", "plateau", "--lr_patience", "10"], "--lr_patience must be at least 1 and below --endure_times"),
+    (["--lr_decay", "plateau", "--lr_patience", "0"], "--lr_patience must be at least 1"),
 ])
 def test_flags_that_cannot_work_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
@@ -63,3 +67,22 @@ def test_validation_points_and_learning_rate_schedule():
     assert pretrain.validation_due(3, True, 4, last=True)                                    # the end of --epochs
     args = flags("--lr", "1.0", "--warmup_steps", "2", "--lr_decay", "linear", "--epochs", "2")
     assert [pretrain.lr_at(s, 3, args) for s in range(6)] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    assert [pretrain.lr_at(s, 3, args, lr_scale=0.5) for s in range(6)] == \
+        pytest.approx([0.25, 0.5, 0.5, 0.375, 0.25, 0.125])
+
+
+def test_plateau_halves_the_rate_after_every_lr_patience_validations_without_gain():
+    """NDCG@10 by validation, patience 2, endure 10: halved after the 2nd and 4th validations without gain; a gain
+    resets the count but keeps the lowered rate; the rate that a resumed run reads is the one the log shows."""
+    args = flags("--lr_decay", "plateau", "--lr_patience", "2", "--endure_times", "10")
+    pretrain.check_args(args)
+    progress = pretrain.Progress(1, 0, random.Random(0), EarlyStopping(args.endure_times), [])
+    scales = []
+    for ndcg in [.05, .06, .06, .05, .06, .05, .07, .06, .06]:
+        gained = progress.stopping.improved(-ndcg)
+        pretrain.lower_lr_on_plateau(args, progress, gained)
+        scales.append(progress.lr_scale)
+    assert scales == [1, 1, 1, .5, .5, .25, .25, .25, .125]
+    constant = flags("--lr_patience", "2", "--endure_times", "10")          # --lr_decay none: never halves
+    progress = pretrain.Progress(1, 0, random.Random(0), EarlyStopping(10, best=-.07, endured=5), [])
+    assert not pretrain.lower_lr_on_plateau(constant, progress, False) and progress.lr_scale == 1
