@@ -14,7 +14,7 @@ import tasks
 from dataset import load_dataset, renumber_items
 from metrics import rouge_per_text
 from module import ItemTrie, TrieConstraint, load_checkpoint, parse_item, task_best_dir
-from ranking import (RULE_NAMES, candidate_scores, eval_cases, list_scores, rank_targets, rule_scores,
+from ranking import (RULE_NAMES, candidate_scores, curve_users, eval_cases, list_scores, rank_targets, rule_scores,
                      top_lists)
 from results import write_results
 from transformers import LogitsProcessorList
@@ -79,6 +79,16 @@ def eval_users(ds, n, seed):
     if not n or n >= len(ds.users):
         return list(ds.users)
     return sorted(random.Random(f"{seed}-users").sample(ds.users, n))
+
+
+def checkpoint_curve_users(ds, meta):
+    """The users whose validation ranking chose a checkpoint (pretrain.py's --rank_users sample, the same draw): on
+    them the kept model's figure is the best of many validations, so a fair validation comparison leaves them out."""
+    train_args = meta.get("args") or {}
+    sequential_share = int(train_args.get("ratio", "0:0").split(":")[1])      # --ratio: explanation:sequential:...
+    if not train_args.get("rank_users") or not sequential_share:
+        return set()
+    return set(curve_users(tasks.trainable_users(ds, "sequential"), train_args["rank_users"], train_args["seed"]))
 
 
 def batches(items, size):
@@ -204,14 +214,16 @@ def decoder_prefixes(encoder, ds, users, split, device):
     return ids.to(device), mask.to(device)
 
 
-def list_quality(lists, ds, users, num_items):
-    """How many top-k lists hold an invalid id, a duplicate, or an item the user already bought."""
+def list_quality(lists, ds, users, num_items, split="test"):
+    """How many top-k lists hold an invalid id, a duplicate, or an item the user already bought (before the `split`
+    item)."""
     invalid = dup = bought = 0
-    for items, u in zip(lists, users):
+    _, histories, _ = eval_cases(ds, split, users)
+    for items, history in zip(lists, histories):
         valid = [i for i in items if i is not None and 1 <= i <= num_items]
         invalid += len(valid) < len(items)
         dup += len(set(valid)) < len(valid)
-        bought += bool(set(valid) & set(ds.sequences[u][:-1]))
+        bought += bool(set(valid) & set(history))
     return {"lists_with_invalid_id": invalid, "lists_with_duplicate": dup, "lists_with_bought_item": bought}
 
 

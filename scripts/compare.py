@@ -95,10 +95,12 @@ def model_row(path):
                         f"ranking by {FULL_RANKING} (seq.py --protocol clean, hllm/main.py, scripts/sasrec_recbole.py)")
     train_cfg = r.get("train_config") or {}
     name = model_name(r)
+    split = (r.get("details") or {}).get("split", "test")      # seq.py --split val: validation items
     details = {"minutes": (r.get("training") or {}).get("minutes"), "ids": r.get("item_ids"),
                "seed": train_cfg.get("seed", (r.get("config") or {}).get("seed")),
-               "protocol": FULL_RANKING + (f", top-{r['list_length']} lists" if r.get("list_length") else ""),
-               "per_user": "user_ids" in r}
+               "protocol": FULL_RANKING + (f", top-{r['list_length']} lists" if r.get("list_length") else "")
+                           + (", validation items" if split == "val" else ""),
+               "per_user": "user_ids" in r, "split": split}
     figures = {m: v for m, v in r["results"][r["model"]].items() if m in METRICS}
     rules = {rule: {m: v for m, v in row.items() if m in METRICS} for rule, row in rule_rows(r).items()
              if rule in RULE_NAMES}
@@ -122,6 +124,12 @@ def table(paths):
         rows.append((name, details, figs, path))
         hashes[path] = (r.get("data_hashes") or {}).get("sequential.txt")
         records[path] = r
+    splits = {path: details["split"] for _, details, _, path in rows}
+    if len(set(splits.values())) > 1:
+        val = next(p for p, s in splits.items() if s == "val")
+        test = next(p for p, s in splits.items() if s != "val")
+        raise UserError(f"{val} ranks validation items (seq.py --split val), {test} test items: compare each split "
+                        "on its own")
     names = distinct_names([records[path] for *_, path in rows])     # two runs of one model: named by what differs
     rows = [(name, *row[1:]) for name, row in zip(names, rows)]
     for path, r in records.items():
@@ -137,8 +145,9 @@ def table(paths):
         raise UserError(f"{other}: its sequential.txt differs from {first}'s: the runs used different splits")
     for rule, label in RULE_NAMES.items():
         if rule in rules:
+            protocol = FULL_RANKING + (", validation items" if "val" in splits.values() else "")
             rows.append((f"{label} (no training)",
-                         {"minutes": 0.0, "ids": "any", "seed": None, "protocol": FULL_RANKING}, rules[rule][0], None))
+                         {"minutes": 0.0, "ids": "any", "seed": None, "protocol": protocol}, rules[rule][0], None))
     return rows
 
 

@@ -68,6 +68,13 @@ def test_different_splits_protocols_rules_and_old_files_are_refused(tmp_path):
                          rules={**RULES, "most_popular": [40, 40, 40, 40]})
     with pytest.raises(UserError, match="c.json: its most_popular figures differ from .*a.json"):
         compare.table([a, changed])
+    val = write_results(tmp_path / "v.json", task="seq", protocol=FULL_RANKING, model="HDRec (clean), validation",
+                        ds=DS, users=USERS, ranks=[0, 1, 2, 3], reference_ranks=RULES, item_ids="random",
+                        details={"split": "val"})
+    with pytest.raises(UserError, match="v.json ranks validation items .*a.json test items"):
+        compare.table([a, val])
+    rows = compare.table([val])                                  # a split on its own: said in every row
+    assert all(details["protocol"].endswith("validation items") for _, details, *_ in rows)
     (tmp_path / "old.json").write_text(json.dumps({"task": "seq", "protocol": "clean", "results": {}}))
     with pytest.raises(UserError, match="old.json: a results file of an older version"):
         compare.table([tmp_path / "old.json"])

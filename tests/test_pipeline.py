@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from dataset import load_dataset, random_item_permutation, renumber_items
-from evaluation import eval_users
+from evaluation import eval_users, rank_next
 from metrics import ranking_metrics
-from ranking import RULE_NAMES, candidate_scores, eval_cases, rank_targets, rule_ranks, rule_scores
+from ranking import RULE_NAMES, candidate_scores, curve_users, eval_cases, rank_targets, rule_ranks, rule_scores
+from tasks import WordEncoder, id_words, trainable_users
 from module import load_checkpoint
 from utils import file_sha256
 
@@ -212,6 +213,39 @@ def test_two_identical_runs_give_identical_weights(random_run, data64, tmp_path,
     assert without_time(json.loads((ckpt / "train_log.json").read_text())) == \
         without_time(json.loads((other / "train_log.json").read_text()))
     assert (ckpt / "tokenizer" / "spm.model").read_bytes() == (other / "tokenizer" / "spm.model").read_bytes()
+
+
+def test_seq_on_validation_ranks_the_users_that_did_not_choose_the_checkpoint(random_run, data64, tmp_path, python,
+                                                                               script_env):
+    """seq.py --split val: each user's validation item after the training part, for the users outside pretrain.py's
+    --rank_users sample; on that sample the same ranking gives the best figure of the training log (one definition);
+    no test figure is written; a run whose sample holds every user leaves nothing to compare on (an error)."""
+    ckpt = tmp_path / "val"
+    train_random(python, script_env, data64, ckpt, "--rank_users", "16")
+    run(python, script_env, "seq.py", "--data_dir", data64, "--checkpoint", ckpt, "--batch_size", 64, "--split", "val",
+        "--sensitivity_users", 8)
+    res = json.loads((ckpt / "results_seq_val.json").read_text())
+    assert not (ckpt / "results_seq.json").exists()
+    model, tokenizer, meta = load_checkpoint(ckpt)
+    ds = renumber_items(load_dataset(data64, log=quiet), meta["item_map"])
+    chose = curve_users(trainable_users(ds, "sequential"), 16, 1)
+    users = [u for u in ds.users if u not in chose]
+    assert len(chose) == 16 and res["user_ids"] == users and res["details"]["users_left_out"] == 16
+    assert res["details"]["split"] == "val" and res["model"] == "HDRec (clean), validation"
+    assert res["reference_ranks"]["co_occurrence"] == rule_ranks(ds, users, "val", names=["co_occurrence"],
+                                                                 log=quiet)["co_occurrence"]
+    assert res["details"]["list_quality"]["lists_with_bought_item"] == 0     # bought: the training part
+    encoder = WordEncoder(tokenizer)
+    encoder.add(id_words(ds))
+    ranks, _, _ = rank_next(model, tokenizer, encoder, ds, chose, split="val", history="decoder", name_user=False,
+                            progress=False)
+    best = max(h["val_ranking"]["NDCG@10"] for h in json.loads((ckpt / "train_log.json").read_text()))
+    assert ranking_metrics(ranks)["NDCG@10"] == pytest.approx(best, abs=1e-6)
+
+    proc = subprocess.run([python, str(ROOT / "seq.py"), "--data_dir", str(data64), "--checkpoint",
+                           str(random_run[0]), "--split", "val"], cwd=ROOT, env=script_env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "every user of" in proc.stderr and "chose the checkpoint (64 users)" in proc.stderr
 
 
 def test_resume_continues_where_it_stopped(random_run, data64, tmp_path, python, script_env):
