@@ -61,11 +61,11 @@ from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, 
 RECIPES = {"learn": dict(backbone="tiny", id_tokens="atomic", history="decoder", item_ids="random", item_init="random",
                          embedding_std=0.02, output_scale="none", lr=1e-3, warmup_steps=100, batch_size=64,
                          dropout=0.3, output_dropout="no", stop_on="ndcg", rank_users=5000, endure_times=10,
-                         name_user="no", input_scale="norm"),
+                         name_user="no", input_scale="norm", lr_decay="plateau"),
            "paper": dict(backbone="t5-small", id_tokens="pieces", history="encoder", item_ids="published",
                          item_init="random", embedding_std=0.0, output_scale="t5", lr=5e-4, warmup_steps=0,
                          batch_size=64, dropout=0.1, output_dropout="yes", stop_on="loss", rank_users=1000,
-                         endure_times=5, name_user="yes", input_scale="none")}
+                         endure_times=5, name_user="yes", input_scale="none", lr_decay="none")}
 STATE_JSON, STATE_TENSORS = "train_state.json", "train_state.safetensors"   # in out/last, with the weights
 
 
@@ -126,13 +126,15 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=None, help=f"AdamW's learning rate; {by_recipe('lr')}")
     parser.add_argument("--warmup_steps", type=int, default=None,
                         help=f"linear learning-rate warm-up over this many steps; {by_recipe('warmup_steps')}")
-    parser.add_argument("--lr_decay", choices=["none", "linear", "plateau"], default="none",
+    parser.add_argument("--lr_decay", choices=["none", "linear", "plateau"], default=None,
                         help="linear: the learning rate falls linearly to 0 at the end of --epochs (after the warm-up); "
-                             "plateau: it halves after every --lr_patience validations in a row without a gain in "
-                             "the --stop_on figure (the number of passes is not known in advance under a budget)")
-    parser.add_argument("--lr_patience", type=int, default=3,
-                        help="--lr_decay plateau: validations without gain before each halving (below --endure_times, "
-                             "so that the lowered rate gets validations of its own before the stop)")
+                             "plateau: it halves after every --lr_patience validations in a row without gain (the "
+                             "number of passes is not known in advance under a budget; chosen on validation, "
+                             f"docs/RESULTS.md section 8); {by_recipe('lr_decay')}")
+    parser.add_argument("--lr_patience", type=int, default=None,
+                        help="--lr_decay plateau: validations without gain before each halving; below --endure_times, "
+                             "the lowered rate gets validations of its own before the stop (default: 3, or "
+                             "--endure_times - 1 where that is smaller)")
     parser.add_argument("--weight_decay", type=float, default=0.01,
                         help="AdamW's decoupled weight decay (torch's default, as POD), not applied to norm weights")
     parser.add_argument("--dropout", type=float, default=None,
@@ -211,6 +213,8 @@ def resolve_recipe(args):
     for flag, value in RECIPES[args.recipe].items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
+    if args.lr_patience is None:
+        args.lr_patience = max(1, min(3, args.endure_times - 1))
     if args.backbone not in SIZES and not explicit_std:
         args.embedding_std = 0.0                       # the recipe's is for a from-scratch backbone
     if args.item_init == "auto":
@@ -242,9 +246,9 @@ def check_args(args):
                         f"{args.backbone} is pretrained")
     if args.item_init == "cooc" and args.id_tokens != "atomic":
         raise UserError("--item_init cooc sets one embedding row per item: it needs --id_tokens atomic")
-    if args.lr_decay == "plateau" and not 1 <= args.lr_patience < args.endure_times:
-        raise UserError(f"--lr_patience must be at least 1 and below --endure_times ({args.endure_times}): the "
-                        f"lowered rate needs validations of its own before the stop; got {args.lr_patience}")
+    if args.lr_decay == "plateau" and args.lr_patience < 1:
+        raise UserError(f"--lr_patience counts validations without gain before each halving: at least 1, got "
+                        f"{args.lr_patience}")
     return ratio
 
 
@@ -685,10 +689,21 @@ def count_validation(progress, top_figure, figures, text_losses=None):
     return top_gained, {task: stopping.improved(figures[task]) for task, stopping in progress.task_stopping.items()}
 
 
-def lower_lr_on_plateau(args, progress, top_gained):
-    """--lr_decay plateau: halve progress.lr_scale after every --lr_patience validations in a row without a gain in
-    the --stop_on figure (counted by progress.stopping); True when it did."""
-    if args.lr_decay != "plateau" or top_gained or progress.stopping.endured % args.lr_patience:
+def validations_without_gain(progress):
+    """Validations in a row without a gain: in the --stop_on figure for a single task; for several, in any task's
+    figure (a text task's loss counts too), the count that their stop waits for."""
+    if not progress.task_stopping:
+        return progress.stopping.endured
+    return min(min(s.endured, progress.text_loss_stopping[task].endured) if task in progress.text_loss_stopping
+               else s.endured for task, s in progress.task_stopping.items())
+
+
+def lower_lr_on_plateau(args, progress):
+    """--lr_decay plateau: halve progress.lr_scale after every --lr_patience validations in a row without gain (in
+    every task, for several: a text task still learning keeps the rate), unless the run stops there; True when it
+    did."""
+    stalled = validations_without_gain(progress)
+    if args.lr_decay != "plateau" or not stalled or stalled % args.lr_patience or progress.stop:
         return False
     progress.lr_scale /= 2
     return True
@@ -759,8 +774,9 @@ def validate_and_keep_best(run, progress, val, epoch, step, speed):
     figures = {task: task_figure(task, losses, ranking, texts) for task in progress.task_stopping}
     top_gained, gained = count_validation(progress, -ranking["NDCG@10"] if args.stop_on == "ndcg" else mean,
                                           lower_is_better(figures), losses)
-    if lower_lr_on_plateau(args, progress, top_gained):
-        log(f"{args.lr_patience} validations without gain: learning rate halved to {args.lr * progress.lr_scale:.2e}")
+    if lower_lr_on_plateau(args, progress):
+        log(f"no gain in the last {args.lr_patience} validations: learning rate halved to "
+            f"{args.lr * progress.lr_scale:.2e}")
     record["lr"] = args.lr * progress.lr_scale      # the rate after this validation (before any warm-up / decay)
     if figures:
         record["tasks"] = {task: {"figure": name, "value": value, "best": abs(progress.task_stopping[task].best),

@@ -53,8 +53,7 @@ def test_help_says_what_each_recipe_gives(capsys):
     (["--recipe", "paper", "--item_init", "cooc"], "--item_init cooc sets one embedding row per item"),
     (["--item_ids", "semantic", "--item_init", "cooc"], "--item_ids semantic gives every code level"),
     (["--recipe", "paper", "--embedding_std", "0.02"], "--embedding_std sets a from-scratch backbone"),
-    (["--lr_decay", "plateau", "--lr_patience", "10"], "--lr_patience must be at least 1 and below --endure_times"),
-    (["--lr_decay", "plateau", "--lr_patience", "0"], "--lr_patience must be at least 1"),
+    (["--lr_decay", "plateau", "--lr_patience", "0"], "--lr_patience counts validations .* at least 1, got 0"),
 ])
 def test_flags_that_cannot_work_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
@@ -79,10 +78,32 @@ def test_plateau_halves_the_rate_after_every_lr_patience_validations_without_gai
     progress = pretrain.Progress(1, 0, random.Random(0), EarlyStopping(args.endure_times), [])
     scales = []
     for ndcg in [.05, .06, .06, .05, .06, .05, .07, .06, .06]:
-        gained = progress.stopping.improved(-ndcg)
-        pretrain.lower_lr_on_plateau(args, progress, gained)
+        progress.stopping.improved(-ndcg)
+        pretrain.lower_lr_on_plateau(args, progress)
         scales.append(progress.lr_scale)
     assert scales == [1, 1, 1, .5, .5, .25, .25, .25, .125]
-    constant = flags("--lr_patience", "2", "--endure_times", "10")          # --lr_decay none: never halves
-    progress = pretrain.Progress(1, 0, random.Random(0), EarlyStopping(10, best=-.07, endured=5), [])
-    assert not pretrain.lower_lr_on_plateau(constant, progress, False) and progress.lr_scale == 1
+    constant = flags("--lr_decay", "none", "--lr_patience", "2", "--endure_times", "10")    # never halves
+    progress = pretrain.Progress(1, 0, random.Random(0), EarlyStopping(10, best=-.07, endured=4), [])
+    assert not pretrain.lower_lr_on_plateau(constant, progress) and progress.lr_scale == 1
+    assert flags().lr_decay == "plateau" and flags("--recipe", "paper").lr_decay == "none"
+    assert [flags("--endure_times", n).lr_patience for n in ("10", "3", "2", "1")] == [3, 2, 1, 1]
+
+
+def test_plateau_in_a_multi_task_run_waits_for_every_task():
+    """Several tasks: the rate halves when no task has gained for --lr_patience validations (a text task gains in
+    its ROUGE-L or its loss), the count that the stop waits for; a text task still learning keeps the rate."""
+    args = flags("--lr_patience", "2", "--endure_times", "10")
+    progress = pretrain.Progress(1, 0, random.Random(0), EarlyStopping(10), [],
+                                 task_stopping=pretrain.task_stoppers(["explanation", "sequential"], 10),
+                                 text_loss_stopping=pretrain.task_stoppers(["explanation", "sequential"], 10,
+                                                                          only=["explanation"]))
+    ndcg = [.10, .09, .09, .09, .09, .09]
+    rouge = [20, 21, 20, 20, 20, 20]
+    loss = [6.0, 5.9, 5.8, 5.9, 5.9, 5.9]          # the explanation loss gains until the 3rd validation
+    scales = []
+    for n, r, text_loss in zip(ndcg, rouge, loss):
+        pretrain.count_validation(progress, -n, {"explanation": -r, "sequential": -n}, {"explanation": text_loss})
+        pretrain.lower_lr_on_plateau(args, progress)
+        scales.append(progress.lr_scale)
+    assert pretrain.validations_without_gain(progress) == 3 and progress.stopping.endured == 5
+    assert scales == [1, 1, 1, 1, .5, .5]
