@@ -252,6 +252,17 @@ def best_validation(r):
     return max(figures) if figures else None
 
 
+def held_out_validation(path, metric=PAIRED_METRIC):
+    """The run's `metric` on the validation users that did not choose its checkpoint (seq.py --split val, the file
+    results_seq_val.json beside results_seq.json); None where there is none."""
+    path = Path(path)
+    val = path.with_name("results_seq_val.json")
+    if path.name != "results_seq.json" or not val.exists():
+        return None
+    r = read_results(val)
+    return r["results"][r["model"]][metric]
+
+
 def rule_setting(r, rule):
     """'lambda 100 of 20, 100, 500, 2000' for a rule chosen on validation; '' for a rule without a setting."""
     chosen = (r.get("rule_settings") or {}).get(rule) or {}
@@ -293,29 +304,34 @@ def across(paths, metric=PAIRED_METRIC):
                          "minutes": [d.get("minutes") for _, _, d in runs],
                          "HR@10": [r["results"][r["model"]]["HR@10"] for _, r, _ in runs],
                          metric: [r["results"][r["model"]][metric] for _, r, _ in runs],
-                         "val": [v for v in val if v is not None], "strongest": strongest, "versus": versus})
+                         "val": [v for v in val if v is not None], "strongest": strongest, "versus": versus,
+                         "held_out": [held_out_validation(p, metric) for p in files]})
         first = groups[keys[0]][0][1]
         for rule, label in RULE_NAMES.items():
             if rule in first["results"]:
                 setting = rule_setting(first, rule)
                 rows.append({"dataset": dataset, "model": f"{label} (no training{'; ' + setting if setting else ''})",
-                             "family": rule, "seeds": [], "minutes": [], "val": [], "versus": None,
+                             "family": rule, "seeds": [], "minutes": [], "val": [], "versus": None, "held_out": [],
                              "HR@10": [first["results"][rule]["HR@10"]], metric: [first["results"][rule][metric]]})
     return rows
 
 
 def across_markdown(rows, metric=PAIRED_METRIC):
     """The table: mean ± std over seeds; the model family's configuration with the best validation figure on a
-    dataset in bold (the one its settings were chosen by); the paired test against the strongest rule."""
-    chosen = {}
+    dataset in bold (the one its settings were chosen by): on the held-out validation users where every run of the
+    family there has that figure, else the best of its learning curve; the paired test against the strongest rule."""
+    families = {}
     for i, row in enumerate(rows):
-        if row["val"]:
-            key = (row["dataset"], row["family"])
-            best = chosen.get(key)
-            if best is None or np.mean(row["val"]) > np.mean(rows[best]["val"]):
-                chosen[key] = i
-    lines = [f"| dataset | model | seeds | minutes | validation {metric} | HR@10 | {metric} | "
-             f"{metric} - strongest rule (t-test p) |", "|---|---|---|---|---|---|---|---|"]
+        if row["val"] or row["held_out"]:
+            families.setdefault((row["dataset"], row["family"]), []).append(i)
+    chosen = {}
+    for key, members in families.items():
+        held_out = all(rows[i]["held_out"] and None not in rows[i]["held_out"] for i in members)
+        figure = (lambda i: np.mean(rows[i]["held_out"])) if held_out else \
+            (lambda i: np.mean(rows[i]["val"]) if rows[i]["val"] else -np.inf)
+        chosen[key] = max(members, key=figure)
+    lines = [f"| dataset | model | seeds | minutes | validation {metric}: curve best / held-out users | HR@10 | "
+             f"{metric} | {metric} - strongest rule (t-test p) |", "|---|---|---|---|---|---|---|---|"]
     for i, row in enumerate(rows):
         minutes = [m for m in row["minutes"] if m is not None]
         v = row["versus"]
@@ -323,7 +339,9 @@ def across_markdown(rows, metric=PAIRED_METRIC):
         name = f"**{row['model']}**" if configurations > 1 and chosen.get((row["dataset"], row["family"])) == i \
             else row["model"]
         lines.append(f"| {row['dataset']} | {name} | {', '.join(map(str, row['seeds'])) or '—'} | "
-                     f"{f'{np.mean(minutes):.1f}' if minutes else '—'} | {mean_std(row['val'])} | "
+                     f"{f'{np.mean(minutes):.1f}' if minutes else '—'} | {mean_std(row['val'])}"
+                     + (f" / {mean_std(row['held_out'])}" if row["held_out"] and None not in row["held_out"] else "")
+                     + " | "
                      f"{mean_std(row['HR@10'])} | {mean_std(row[metric])} | "
                      + (f"{v['difference']:+.4f} vs {RULE_NAMES[row['strongest']]} ({v['t_test_p']:.2g})" if v
                         else "") + " |")

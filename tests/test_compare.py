@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -150,6 +151,35 @@ def test_across_datasets_and_seeds(tmp_path, capsys):
     assert sum(r["model"].startswith("EASE") for r in rows) == 2              # once per dataset
     with pytest.raises(UserError, match="same settings and seed 1"):
         compare.across([files[0], files[0]])
+
+
+def test_across_chooses_on_the_held_out_validation_users_where_every_run_has_them(tmp_path, capsys):
+    """The bold row: the configuration with the best figure on the validation users that did not choose the
+    checkpoint (results_seq_val.json beside results_seq.json) where every run of the family on the dataset has one;
+    the best of the learning curves where any lacks it."""
+    def run(folder, lr_decay, seed, curve, held_out=None):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        common = dict(task="seq", protocol=FULL_RANKING, ds=DS, users=USERS, reference_ranks=RULES, item_ids="random",
+                      backbone="tiny", train_config={"recipe": "learn", "history": "decoder", "seed": seed,
+                                                     "lr_decay": lr_decay})
+        path = write_results(tmp_path / folder / "results_seq.json", model="HDRec (clean)", ranks=[0, 3, 9, 40],
+                             training={"minutes": 30.0, "log": [{"minutes": 1, "val_NDCG@10": curve}]}, **common)
+        if held_out is not None:
+            write_results(tmp_path / folder / "results_seq_val.json", model="HDRec (clean), validation",
+                          ranks=[0, held_out, 40, 40], details={"split": "val"}, **common)
+        return str(path)
+    constant = [run("c1", "none", 1, .08, 5), run("c2", "none", 2, .07, 6)]
+    plateau = [run("p1", "plateau", 1, .07, 0), run("p2", "plateau", 2, .06, 1)]
+    compare.main(["--across", *constant, *plateau])
+    out = capsys.readouterr().out
+    held = [(1 + 1 / math.log2(h + 2)) / 4 for h in (0, 1, 5, 6)]           # NDCG@10 of ranks [0, h, 40, 40]
+    assert f"| **T5 tiny (learn recipe, history in the decoder) (lr_decay plateau)** | 1, 2 | 30.0 | 0.0650 ± " \
+           f"0.0071 / {np.mean(held[:2]):.4f} ± {np.std(held[:2], ddof=1):.4f} |" in out
+    assert "| T5 tiny (learn recipe, history in the decoder) (lr_decay none) | 1, 2 |" in out
+    (tmp_path / "p2" / "results_seq_val.json").unlink()                   # one run without: the curves decide
+    compare.main(["--across", *constant, *plateau])
+    out = capsys.readouterr().out
+    assert "| **T5 tiny (learn recipe, history in the decoder) (lr_decay none)** | 1, 2 | 30.0 | 0.0750 ± " in out
 
 
 def test_by_last_item_bins_users_by_the_training_count_of_their_last_history_item():
