@@ -263,6 +263,11 @@ def held_out_validation(path, metric=PAIRED_METRIC):
     return r["results"][r["model"]][metric]
 
 
+def all_held_out(row):
+    """Whether every run of an --across row has its held-out validation figure."""
+    return bool(row["held_out"]) and None not in row["held_out"]
+
+
 def rule_setting(r, rule):
     """'lambda 100 of 20, 100, 500, 2000' for a rule chosen on validation; '' for a rule without a setting."""
     chosen = (r.get("rule_settings") or {}).get(rule) or {}
@@ -326,7 +331,7 @@ def across_markdown(rows, metric=PAIRED_METRIC):
             families.setdefault((row["dataset"], row["family"]), []).append(i)
     chosen = {}
     for key, members in families.items():
-        held_out = all(rows[i]["held_out"] and None not in rows[i]["held_out"] for i in members)
+        held_out = all(all_held_out(rows[i]) for i in members)
         figure = (lambda i: np.mean(rows[i]["held_out"])) if held_out else \
             (lambda i: np.mean(rows[i]["val"]) if rows[i]["val"] else -np.inf)
         chosen[key] = max(members, key=figure)
@@ -340,7 +345,7 @@ def across_markdown(rows, metric=PAIRED_METRIC):
             else row["model"]
         lines.append(f"| {row['dataset']} | {name} | {', '.join(map(str, row['seeds'])) or '—'} | "
                      f"{f'{np.mean(minutes):.1f}' if minutes else '—'} | {mean_std(row['val'])}"
-                     + (f" / {mean_std(row['held_out'])}" if row["held_out"] and None not in row["held_out"] else "")
+                     + (f" / {mean_std(row['held_out'])}" if all_held_out(row) else "")
                      + " | "
                      f"{mean_std(row['HR@10'])} | {mean_std(row[metric])} | "
                      + (f"{v['difference']:+.4f} vs {RULE_NAMES[row['strongest']]} ({v['t_test_p']:.2g})" if v
