@@ -81,6 +81,12 @@ def eval_users(ds, n, seed):
     return sorted(random.Random(f"{seed}-users").sample(ds.users, n))
 
 
+def sequential_curve_users(ds, rank_users, seed):
+    """pretrain.py's --rank_users sample of users able to give a sequential sample: their validation ranking draws
+    the learning curve and chooses the checkpoint."""
+    return curve_users(tasks.trainable_users(ds, "sequential"), rank_users, seed)
+
+
 def checkpoint_curve_users(ds, meta):
     """The users whose validation ranking chose a checkpoint (pretrain.py's --rank_users sample, the same draw): on
     them the kept model's figure is the best of many validations, so a fair validation comparison leaves them out."""
@@ -88,7 +94,7 @@ def checkpoint_curve_users(ds, meta):
     sequential_share = int(train_args.get("ratio", "0:0").split(":")[1])      # --ratio: explanation:sequential:...
     if not train_args.get("rank_users") or not sequential_share:
         return set()
-    return set(curve_users(tasks.trainable_users(ds, "sequential"), train_args["rank_users"], train_args["seed"]))
+    return set(sequential_curve_users(ds, train_args["rank_users"], train_args["seed"]))
 
 
 def batches(items, size):

@@ -43,13 +43,13 @@ import tasks
 from cooccurrence import cooccurrence, item_vectors
 from dataset import load_dataset, renumber_items
 from item_codes import CODE_SCHEMES, SCHEMES, item_codes, item_map_for, parse_branching
-from evaluation import generate_texts, rank_next
+from evaluation import generate_texts, rank_next, sequential_curve_users
 from metrics import ranking_metrics, rouge
 from module import HDRec, SIZES, add_id_tokens, backward_batch, copy_checkpoint, from_scratch_t5, \
     INPUT_SCALES, init_item_embeddings, load_checkpoint, load_pretrained, no_output_dropout, no_output_scale, \
     output_scale, set_input_scale, \
     resolve_backbone, set_dropout, save_checkpoint, task_best_dir, train_tokenizer
-from ranking import GRIDS, LEAK_RULES, RULE_NAMES, curve_users, rule_ranks
+from ranking import GRIDS, LEAK_RULES, RULE_NAMES, rule_ranks
 from utils import (EarlyStopping, UserError, atomic_write_json, bf16_supported, pick_device, progress_bar,
                    report_user_errors, seed_everything, versions)
 
@@ -493,8 +493,7 @@ def validation_set(run):
     batches, val_tasks = validation_batches(run)
     users = []              # ranked at every validation: a fixed seeded sample, with the sequential task
     if args.rank_users and "sequential" in val_tasks:
-        able = tasks.trainable_users(run.ds, "sequential")
-        users = curve_users(able, args.rank_users, args.seed)
+        users = sequential_curve_users(run.ds, args.rank_users, args.seed)
     if args.stop_on == "ndcg" and not users:
         raise UserError("--stop_on ndcg needs ranked validation users: the sequential task in --ratio and "
                         "--rank_users > 0 (or use --stop_on loss)")
