@@ -7,6 +7,7 @@ explanation_rationale.json, when present, hold the review records.
 Leave-one-out split: for a user's sequence s, s[-1] is the test item, s[-2] the validation item, s[:-2] training.
 """
 import csv
+import gzip
 import json
 import math
 import sys
@@ -52,11 +53,15 @@ def id_lines(path):
 
 
 def read_json(path):
+    """A JSON file, gzipped where the name ends in .gz (the results kept in docs/runs)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        return json.loads(raw.decode("utf-8"))
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{path}: not a gzip file ({e})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:

@@ -254,10 +254,12 @@ def best_validation(r):
 
 def held_out_validation(path, metric=PAIRED_METRIC):
     """The run's `metric` on the validation users that did not choose its checkpoint (seq.py --split val, the file
-    results_seq_val.json beside results_seq.json); None where there is none."""
+    results_seq_val.json beside results_seq.json, or both .json.gz); None where there is none."""
     path = Path(path)
-    val = path.with_name("results_seq_val.json")
-    if path.name != "results_seq.json" or not val.exists():
+    if path.name not in ("results_seq.json", "results_seq.json.gz"):
+        return None
+    val = path.with_name(path.name.replace("results_seq", "results_seq_val"))
+    if not val.exists():
         return None
     r = read_results(val)
     return r["results"][r["model"]][metric]

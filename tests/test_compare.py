@@ -229,3 +229,33 @@ def test_across_refuses_one_dataset_on_two_splits_or_two_rule_definitions(tmp_pa
         compare.across([run("SASRec", 1), run("GRU4Rec", 1, hashes={"sequential.txt": "xyz"})])
     with pytest.raises(UserError, match="its most_popular figures differ"):
         compare.across([run("SASRec", 2), run("GRU4Rec", 2, rules={**RULES, "most_popular": [40, 40, 40, 40]})])
+
+
+def test_kept_results_read_back_as_the_originals(tmp_path, capsys):
+    """scripts/keep_results.py writes a run's results files gzipped under docs/runs' layout; compare.py reads them
+    (the held-out validation file beside included) to the same table; a broken or missing file is a one-line error."""
+    import keep_results
+    checkpoints = tmp_path / "checkpoint"
+    run = checkpoints / "toys_seeds" / "seed_1"
+    run.mkdir(parents=True)
+    common = dict(task="seq", protocol=FULL_RANKING, ds=DS, users=USERS, reference_ranks=RULES, item_ids="random",
+                  backbone="tiny", train_config={"recipe": "learn", "history": "decoder", "seed": 1})
+    write_results(run / "results_seq.json", model="HDRec (clean)", ranks=[0, 3, 9, 40],
+                  training={"minutes": 30.0, "log": [{"minutes": 1, "val_NDCG@10": .07}]}, **common)
+    write_results(run / "results_seq_val.json", model="HDRec (clean), validation", ranks=[0, 2, 40, 40],
+                  details={"split": "val"}, **common)
+    (run / "model.safetensors").write_bytes(b"weights")                   # not kept
+    keep_results.main([str(run), "--into", str(tmp_path / "runs"), "--checkpoints", str(checkpoints)])
+    kept = tmp_path / "runs" / "toys_seeds" / "seed_1"
+    assert sorted(p.name for p in kept.iterdir()) == ["results_seq.json.gz", "results_seq_val.json.gz"]
+    capsys.readouterr()
+    compare.main(["--across", str(run / "results_seq.json")])
+    original = capsys.readouterr().out
+    compare.main(["--across", str(kept / "results_seq.json.gz")])
+    assert capsys.readouterr().out == original
+    assert compare.held_out_validation(kept / "results_seq.json.gz") == pytest.approx((1 + 1 / math.log2(4)) / 4)
+    (kept / "results_seq.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(UserError, match=r"results_seq\.json\.gz: not a gzip file"):
+        compare.main(["--across", str(kept / "results_seq.json.gz")])
+    with pytest.raises(UserError, match="no results_"):
+        keep_results.main([str(tmp_path / "runs"), "--into", str(tmp_path / "runs2")])
