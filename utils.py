@@ -160,8 +160,23 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def machine():
+    """What a minutes budget ran on: the CPU's model, its cores, whether it has bf16, and the GPU if any (figures
+    measured under a budget are comparable only on the same machine)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    out = f"{cpu}, {os.cpu_count()} cores, bf16 {'yes' if bf16_supported(torch.device('cpu')) else 'no'}"
+    if torch.cuda.is_available():
+        out += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return out
+
+
 def versions():
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "machine": machine()}
     for name in ("transformers", "sentencepiece", "peft"):  # absent in a baseline's own venv (RecBole's)
         try:
             out[name] = __import__(name).__version__

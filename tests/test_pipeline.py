@@ -67,7 +67,8 @@ def check_results(path, task, protocol, users, all_users, item_ids, data_dir):
     assert res["train_config"]["ratio"] == "0:1:0:1" and res["backbone"] == "tiny"
     assert res["data_hashes"] == {n: file_sha256(data_dir / n) for n in ("sequential.txt", "datamaps.json",
                                                                          "negative.txt")}
-    assert {"python", "torch", "transformers", "numpy"} <= set(res["versions"])
+    assert {"python", "torch", "transformers", "numpy", "machine"} <= set(res["versions"])
+    assert "cores, bf16 " in res["versions"]["machine"]          # what a minutes budget ran on
     assert res["seconds"] > 0 and res["details"]["users_per_second"] > 0
     assert res["model"] == f"HDRec ({protocol})" and set(res["results"]) == {res["model"], *RULE_NAMES}
     for row in res["results"].values():
