@@ -165,7 +165,8 @@ def machine():
     measured under a budget are comparable only on the same machine)."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     out = f"{cpu}, {os.cpu_count()} cores, bf16 {'yes' if bf16_supported(torch.device('cpu')) else 'no'}"

@@ -34,15 +34,12 @@ def keep(run, into, checkpoints):
     files = sorted(run.glob("results_*.json"))
     if not files:
         raise UserError(f"{run}: no results_*.json in it (run seq.py, topn.py or exp.py on it first)")
-    written = []
     for path in files:
         r = read_results(path)        # refuses what is not a results file of this version
         out = into / kept_name(run, checkpoints) / (path.name + ".gz")
         data = gzip.compress(json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode("utf-8"), mtime=0)
         atomic_write_bytes(out, data)
-        written.append(out)
         print(f"{path} -> {out} ({len(data) / 1024:.0f} KiB)")
-    return written
 
 
 def main(argv=None):
