@@ -117,8 +117,15 @@ def test_settings_are_chosen_on_validation_and_cached(slice_ds, tmp_path, monkey
     monkeypatch.setattr(ranking, "CACHE", tmp_path / "rules")
     monkeypatch.setattr(ranking, "GRIDS", {"item_knn": {"neighbours": [1, 50]}, "ease": {"lambda": [1, 1000]}})
     users = list(slice_ds.sequences)
+    fits, fit_rule = [], ranking.fit_rule
+    monkeypatch.setattr(ranking, "fit_rule", lambda ds, name, setting=None: fits.append((name, setting)) or
+                        fit_rule(ds, name, setting))
     ranks = ranking.rule_ranks(slice_ds, users, "test", log=quiet)
     assert set(ranks) == set(ranking.RULE_NAMES) and all(len(r) == len(users) for r in ranks.values())
+    # each setting of a grid is fitted once: the chosen one's fit ranks the test items too (EASE: minutes a fit)
+    assert sorted(f for f in fits if f[0] in ranking.GRIDS) == [("ease", 1), ("ease", 1000), ("item_knn", 1),
+                                                                 ("item_knn", 50)]
+    monkeypatch.setattr(ranking, "fit_rule", fit_rule)
     settings = ranking.rule_settings(slice_ds)
     for rule, key in (("item_knn", "neighbours"), ("ease", "lambda")):
         figures = settings[rule]["validation_NDCG@10"]
