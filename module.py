@@ -157,6 +157,7 @@ class HDRec(nn.Module):
         self.whole_word = nn.Embedding(MAX_WHOLE_WORDS, d)
         nn.init.zeros_(self.whole_word.weight)
         self.item_tokens = None     # set_item_tokens: the softmax of item-sequence targets runs over these only
+        self.label_smoothing = 0.0  # a training setting (pretrain.py --label_smoothing): evaluation losses stay plain
         if getattr(t5.config, "hdrec_output_dropout", True) is False:
             no_output_dropout(t5)
         if getattr(t5.config, "hdrec_input_scale", "none") != "none":
@@ -188,13 +189,19 @@ class HDRec(nn.Module):
         return BaseModelOutput(last_hidden_state=hidden), mask
 
     def forward(self, batch):
-        """Mean token cross-entropy of the batch's labels (-100 = ignored). The decoder reads the batch's
-        decoder_input_ids where it has them (--history decoder), else the labels shifted right."""
+        """Mean token cross-entropy of the batch's labels (-100 = ignored; in training mode smoothed by
+        `label_smoothing`). The decoder reads the batch's decoder_input_ids where it has them (--history decoder), else
+        the labels shifted right."""
         embeds, mask = self.encoder_inputs(batch["input_ids"], batch["whole_word_ids"], batch["attention_mask"],
                                            batch["task"])
+        smoothing = self.label_smoothing if self.training else 0.0
         if self.item_tokens is None or "decoder_input_ids" not in batch:
-            return self.t5(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"],
-                           decoder_input_ids=batch.get("decoder_input_ids")).loss
+            out = self.t5(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"],
+                          decoder_input_ids=batch.get("decoder_input_ids"))
+            if not smoothing:
+                return out.loss
+            return nn.functional.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten(),
+                                               ignore_index=-100, label_smoothing=smoothing)
         encoded = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         hidden = self.t5.decoder(input_ids=batch["decoder_input_ids"], encoder_hidden_states=encoded,
                                  encoder_attention_mask=mask).last_hidden_state
@@ -204,7 +211,7 @@ class HDRec(nn.Module):
         target = self.item_index[batch["labels"][scored]]
         if (target < 0).any():
             raise ValueError("an item-sequence label is not an item token")
-        return nn.functional.cross_entropy(logits.float(), target)
+        return nn.functional.cross_entropy(logits.float(), target, label_smoothing=smoothing)
 
     @torch.no_grad()
     def generate(self, batch, num_beams=20, num_return_sequences=10, max_new_tokens=12, do_sample=False, **kwargs):

@@ -139,6 +139,11 @@ def parse_args(argv=None):
                         help="AdamW's decoupled weight decay (torch's default, as POD), not applied to norm weights")
     parser.add_argument("--dropout", type=float, default=None,
                         help=f"the backbone's dropout rate (T5's own: 0.1); {by_recipe('dropout')}")
+    parser.add_argument("--label_smoothing", type=float, default=0.0,
+                        help="training loss: cross-entropy against a target that gives this share of its mass to "
+                             "all classes evenly (items for the sequential task, tokens for text); validation losses "
+                             "stay plain. For a model whose validation loss rises while its ranking improves "
+                             "(over-confident on its first items, docs/RESULTS.md section 8)")
     parser.add_argument("--output_dropout", choices=["yes", "no"], default=None,
                         help="yes: T5's dropout after the decoder's final layer norm, right before the output layer; "
                              "no: none there (as SASRec; the input embeddings and every block keep theirs), which "
@@ -249,6 +254,9 @@ def check_args(args):
     if args.lr_decay == "plateau" and args.lr_patience < 1:
         raise UserError(f"--lr_patience counts validations without gain before each halving: at least 1, got "
                         f"{args.lr_patience}")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise UserError(f"--label_smoothing is the target's share spread over all classes: in [0, 1), got "
+                        f"{args.label_smoothing}")
     return ratio
 
 
@@ -351,6 +359,7 @@ def build_model(args, ds, codes, backbone, out, is_main):
             t5.resize_token_embeddings(len(tokenizer))
     model = HDRec(t5, len(tasks.TASKS), args.prompt_num, args.seed)
     set_dropout(model.t5, args.dropout)
+    model.label_smoothing = args.label_smoothing
     if args.output_dropout == "no":
         no_output_dropout(model.t5)
     if args.output_scale == "none":

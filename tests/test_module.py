@@ -560,3 +560,40 @@ def test_input_scale_scales_what_enters_the_blocks_not_the_output_layer(atomic_t
     torch.testing.assert_close(next_item_scores(loaded, encoder, small_ds, users), after)
     set_input_scale(t5, "none")
     torch.testing.assert_close(next_item_scores(model, encoder, small_ds, users), before)
+
+
+@pytest.mark.parametrize("history", ["decoder", "encoder"])
+def test_label_smoothing_is_the_smoothed_cross_entropy_in_training_and_plain_in_evaluation(atomic_tokenizer, small_ds,
+                                                                                           history):
+    """--label_smoothing e: in training mode the loss is (1 - e) * NLL(target) + e * the mean NLL over every class
+    (the items for the decoder's item sequences, the vocabulary for T5's own path), computed here by hand from the
+    logits; in evaluation mode (validation losses) it is the plain cross-entropy."""
+    from module import set_dropout, t5_config_for
+    encoder = tasks.WordEncoder(atomic_tokenizer)
+    rng = random.Random(0)
+    users = [u for u in small_ds.users if len(small_ds.sequences[u]) >= 5][:6]
+    batch = tasks.collate(tasks.encode_samples(encoder, [tasks.sequential_sample(small_ds, u, rng, "train", history)
+                                                         for u in users]), tasks.TASKS.index("sequential"))
+    torch.manual_seed(0)
+    model = HDRec(T5ForConditionalGeneration(t5_config_for("tiny", atomic_tokenizer)))
+    set_dropout(model.t5, 0.0)                           # training mode without randomness
+    model.set_item_tokens(encoder.single_item_tokens(small_ds.num_items))
+    with torch.no_grad():
+        embeds, mask = model.encoder_inputs(batch["input_ids"], batch["whole_word_ids"], batch["attention_mask"],
+                                            batch["task"])
+        logits = model.t5(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"],
+                          decoder_input_ids=batch.get("decoder_input_ids")).logits
+    scored = batch["labels"] != -100
+    if history == "decoder":
+        classes, target = logits[scored][:, model.item_tokens], model.item_index[batch["labels"][scored]]
+    else:
+        classes, target = logits[scored], batch["labels"][scored]
+    log_p = classes.float().log_softmax(-1)
+    nll = -log_p[torch.arange(len(target)), target].mean()
+    uniform = -log_p.mean(-1).mean()
+    model.label_smoothing = 0.2
+    for mode, expected in (("train", 0.8 * nll + 0.2 * uniform), ("eval", nll)):
+        getattr(model, mode)()
+        with torch.no_grad():
+            torch.testing.assert_close(model(batch), expected, rtol=1e-4, atol=1e-4)
+    assert abs(uniform - nll) > 1e-2             # the two expectations differ by > 2e-3, far beyond the tolerance

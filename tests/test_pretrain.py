@@ -54,6 +54,8 @@ def test_help_says_what_each_recipe_gives(capsys):
     (["--item_ids", "semantic", "--item_init", "cooc"], "--item_ids semantic gives every code level"),
     (["--recipe", "paper", "--embedding_std", "0.02"], "--embedding_std sets a from-scratch backbone"),
     (["--lr_decay", "plateau", "--lr_patience", "0"], "--lr_patience counts validations .* at least 1, got 0"),
+    (["--label_smoothing", "1"], r"--label_smoothing is the target's share .* in \[0, 1\), got 1.0"),
+    (["--label_smoothing", "-0.1"], r"--label_smoothing .* got -0.1"),
 ])
 def test_flags_that_cannot_work_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
