@@ -196,12 +196,15 @@ class HDRec(nn.Module):
                                            batch["task"])
         smoothing = self.label_smoothing if self.training else 0.0
         if self.item_tokens is None or "decoder_input_ids" not in batch:
-            out = self.t5(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"],
-                          decoder_input_ids=batch.get("decoder_input_ids"))
+            labels, decoder_inputs = batch["labels"], batch.get("decoder_input_ids")
             if not smoothing:
-                return out.loss
-            return nn.functional.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten(),
-                                               ignore_index=-100, label_smoothing=smoothing)
+                return self.t5(inputs_embeds=embeds, attention_mask=mask, labels=labels,
+                               decoder_input_ids=decoder_inputs).loss
+            if decoder_inputs is None:      # T5's own plain loss is not wanted: shift the labels here instead
+                decoder_inputs = self.t5.prepare_decoder_input_ids_from_labels(labels=labels)
+            logits = self.t5(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_inputs).logits
+            return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                               label_smoothing=smoothing)
         encoded = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         hidden = self.t5.decoder(input_ids=batch["decoder_input_ids"], encoder_hidden_states=encoded,
                                  encoder_attention_mask=mask).last_hidden_state
