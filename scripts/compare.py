@@ -211,14 +211,15 @@ def plot(rows, out):
 
 def curves(paths, out):
     """Validation NDCG@10 against training minutes, one line per results file that carries its learning curve
-    (training.log: pretrain.py's ranked users, or sasrec_recbole.py's same seeded sample), and the rules on those
-    users (training.val_rules, from the T5's log) as horizontal lines. Returns ({label: (minutes, figures)}, rules).
+    (training.log: pretrain.py's ranked users, or sasrec_recbole.py's same seeded sample), and the rules as
+    horizontal lines (training.val_rules from the T5's log: those of the first file carrying them, since each seed
+    ranks its own users). Returns ({label: (minutes, figures)}, rules).
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    lines, rules = {}, {}
+    lines, rules, rules_seed = {}, {}, None
     records = [read_results(path) for path in paths]
     for r, name in zip(records, distinct_names(records)):
         log = (r.get("training") or {}).get("log") or []
@@ -228,10 +229,12 @@ def curves(paths, out):
         label = f"{name}, seed {seed}"
         lines[label] = ([e["minutes"] for e in log], [e["val_NDCG@10"] for e in log])
         ax.plot(*lines[label], marker=".", label=label)
-        rules.update(r["training"].get("val_rules") or {})
+        if not rules and r["training"].get("val_rules"):
+            rules, rules_seed = dict(r["training"]["val_rules"]), seed
     for (rule, figure), colour in zip(sorted(rules.items(), key=lambda kv: -kv[1]),
                                       ("grey", "tab:orange", "tab:green", "tab:red", "tab:purple")):
-        ax.axhline(figure, color=colour, linestyle="--", linewidth=1, label=RULE_NAMES.get(rule, rule))
+        ax.axhline(figure, color=colour, linestyle="--", linewidth=1,
+                   label=f"{RULE_NAMES.get(rule, rule)} (seed {rules_seed}'s users)")
     ax.set_xlabel("training minutes")
     ax.set_ylabel("validation NDCG@10")
     ax.legend(fontsize=7)

@@ -100,7 +100,7 @@ def test_models_are_paired_with_most_popular_the_strongest_rule_and_each_other(t
 
 def test_learning_curves_of_every_file_that_has_one(tmp_path):
     """--curves: one line per results file with a training log (minutes, validation NDCG@10), the rules of the
-    T5's log as horizontal lines; a file without a log draws nothing."""
+    first T5 log as horizontal lines (another seed ranks other users); a file without a log draws nothing."""
     t5_log = [{"epoch": 1, "minutes": 0.7, "val_NDCG@10": .031}, {"epoch": 2, "minutes": 1.4, "val_NDCG@10": .038}]
     sasrec_log = [{"epoch": 0, "minutes": 0.5, "val_NDCG@10": .012, "recbole_val_NDCG@10": .015}]
     ds = DS
@@ -108,14 +108,19 @@ def test_learning_curves_of_every_file_that_has_one(tmp_path):
                            users=USERS, ranks=[0, 3, 5, 9], reference_ranks=RULES, config={"seed": 1},
                            backbone="tiny", train_config={"recipe": "learn", "history": "decoder"},
                            training={"minutes": 1.4, "log": t5_log, "val_rules": {"co_occurrence": .06}}),
-             other_file(tmp_path / "hllm.json", "HSFT", [0, 15, 30, 1], 2022, 3.0)]
+             other_file(tmp_path / "hllm.json", "HSFT", [0, 15, 30, 1], 2022, 3.0),
+             write_results(tmp_path / "t5_seed2.json", task="seq", protocol=FULL_RANKING, model="HDRec (clean)",
+                           ds=ds, users=USERS, ranks=[0, 3, 5, 9], reference_ranks=RULES, config={"seed": 2},
+                           backbone="tiny", train_config={"recipe": "learn", "history": "decoder"},
+                           training={"minutes": 0.7, "log": t5_log[:1], "val_rules": {"co_occurrence": .07}})]
     sasrec = write_results(tmp_path / "sasrec.json", task="seq", protocol=FULL_RANKING, model="SASRec", ds=ds,
                            users=USERS, ranks=[1, 2, 3, 4], reference_ranks=RULES, config={"seed": 1},
                            training={"minutes": 0.5, "log": sasrec_log})
     lines, rules = compare.curves([*files, sasrec], tmp_path / "curves.png")
     assert lines == {"T5 tiny (learn recipe, history in the decoder), seed 1": ([0.7, 1.4], [.031, .038]),
+                     "T5 tiny (learn recipe, history in the decoder), seed 2": ([0.7], [.031]),
                      "SASRec, seed 1": ([0.5], [.012])}     # named as in the table: two T5s stay apart
-    assert rules == {"co_occurrence": .06}
+    assert rules == {"co_occurrence": .06}                  # seed 1's users, not overwritten by seed 2's
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
