@@ -1,12 +1,12 @@
 """Every entry point, walked through a corpus of bad inputs: each ends with one line `error: ...` on stderr that
 names the file (and line), flag or URL at fault, exit status 2 and no traceback; --debug shows the traceback; a real
-bug keeps Python's traceback and status 1. The scripts run as subprocesses, offline, one thread."""
+bug keeps Python's traceback and status 1. The scripts run as processes of their own, offline, one thread (forked
+from one that imported the heavy libraries once: tests/preloaded.py)."""
 import gzip
 import json
 import re
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -143,17 +143,28 @@ def cases(w):
     ]
 
 
+def run_preloaded(python, env, argvs, out_dir):
+    """Each command line in its own process, forked from one that imported torch and transformers once
+    (tests/preloaded.py): [(exit status, stderr)]."""
+    out_dir.mkdir()
+    proc = subprocess.run([python, str(ROOT / "tests" / "preloaded.py"), str(out_dir)], cwd=ROOT, env=env,
+                          input=json.dumps([[str(a) for a in argv] for argv in argvs]), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [(int((out_dir / f"{i}.status").read_text()), (out_dir / f"{i}.err").read_text())
+            for i in range(len(argvs))]
+
+
 def test_every_entry_point_fails_in_one_line(work, python, script_env):
     todo = cases(work)
-    with ThreadPoolExecutor(2) as pool:             # two at a time: each is mostly Python start-up
-        procs = list(pool.map(lambda case: run(python, script_env, *case[0]), todo))
+    results = run_preloaded(python, script_env, [argv for argv, _ in todo], work["root"] / "preloaded")
     problems = []
-    for (argv, pattern), proc in zip(todo, procs):
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    for (argv, pattern), (status, stderr) in zip(todo, results):
+        lines = [line for line in stderr.splitlines() if line.strip()]
         last = lines[-1] if lines else ""
-        if proc.returncode != 2 or "Traceback" in proc.stderr or not re.match(r"error: .*" + pattern, last):
-            problems.append(f"{' '.join(map(str, argv[:1]))} ... -> status {proc.returncode}, last line {last!r}\n"
-                            f"{proc.stderr[-1500:]}")
+        if status != 2 or "Traceback" in stderr or not re.match(r"error: .*" + pattern, last):
+            problems.append(f"{' '.join(map(str, argv[:1]))} ... -> status {status}, last line {last!r}\n"
+                            f"{stderr[-1500:]}")
     assert not problems, f"{len(problems)} of {len(todo)} cases:\n" + "\n\n".join(problems)
     covered = {str(argv[0]) for argv, _ in todo}
     entry_points = {"pretrain.py", "seq.py", "topn.py", "exp.py", "bench.py", "bench_llm.py", "dataset.py",
@@ -174,3 +185,22 @@ def test_debug_shows_the_traceback(work, python, script_env):
 def test_a_bug_still_crashes_loudly(python, script_env):
     proc = run(python, script_env, "-c", "import utils; utils.report_user_errors(); {}['bug']")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'bug'" in proc.stderr
+
+
+def test_preloaded_runs_a_script_as_python_would(tmp_path, python, script_env):
+    """The forked runner above gives the same status and stderr as a fresh interpreter: a user error, a bug, an
+    explicit exit, a clean run that sees its own __name__, argv and folder."""
+    script = tmp_path / "probe.py"
+    script.write_text("import sys\nimport utils\nutils.report_user_errors()\nkind = sys.argv[1]\n"
+                      "if kind == 'user': raise utils.UserError('probe.txt:3: bad line')\n"
+                      "if kind == 'bug': {}['bug']\n"
+                      "if kind == 'exit': sys.exit(3)\n"
+                      "print(__name__, sys.argv[1:], sys.path[0] == __import__('os').path.dirname(__file__), "
+                      "file=sys.stderr)\n")
+    argvs = [[script, kind] for kind in ["user", "bug", "exit", "ok"]]
+    forked = run_preloaded(python, script_env, argvs, tmp_path / "out")
+    fresh = [run(python, script_env, *argv) for argv in argvs]
+    assert [status for status, _ in forked] == [proc.returncode for proc in fresh] == [2, 1, 3, 0]
+    assert forked[0][1] == fresh[0].stderr == "error: probe.txt:3: bad line\n"
+    assert "Traceback" in forked[1][1] and forked[1][1].strip().endswith("KeyError: 'bug'")
+    assert forked[3][1] == fresh[3].stderr == "__main__ ['ok'] True\n"
