@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the reference rules' cache (ranking.py) of the whole test session lives in a temporary folder, shared by the
 # scripts the tests run (they inherit the environment)
 os.environ.setdefault("HDREC_CACHE", tempfile.mkdtemp(prefix="hdrec-cache-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one thread each, as the scripts run (two spinning OpenMP pools slow both down)
+    torch.set_num_threads(1)
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BEAUTY = SHARED_DATA / "p5" / "beauty"
 
